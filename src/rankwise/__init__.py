@@ -1,0 +1,53 @@
+"""rankwise: low-rank deep learning on PyTorch.
+
+    import rankwise as rw
+    model = rw.adapt(model, "lora", rank=8, alpha=16, targets="all-linear")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import errors
+from .core.api import (
+    active_adapters,
+    adapt,
+    delete,
+    merge,
+    set_active,
+    summary,
+    trainable_parameters,
+    unadapt,
+    unmerge,
+)
+from .core.config import AdapterConfig
+from .core.registry import get_method, register
+from .io.files import load, save
+from .io.peft import export_peft, import_peft
+from .methods.lora import LoraConfig
+
+# Bound last: importing the ``rankwise.methods`` package above sets an attribute of the same name.
+from .core.registry import methods  # noqa: E402, I001
+
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "__version__",
+    "active_adapters",
+    "adapt",
+    "delete",
+    "errors",
+    "export_peft",
+    "get_method",
+    "import_peft",
+    "load",
+    "merge",
+    "methods",
+    "register",
+    "save",
+    "set_active",
+    "summary",
+    "trainable_parameters",
+    "unadapt",
+    "unmerge",
+]

@@ -1,0 +1,1 @@
+"""The adapter engine: layer kinds, the method registry, AdaptedLayer and the public API."""

@@ -1,0 +1,102 @@
+"""``AdaptedLayer``: a frozen base layer plus any number of named adapters.
+
+It replaces the base module in its parent. Forward runs the base once and then each
+active, unmerged adapter on the running output::
+
+    out = base(x)
+    for name in active:          # additive methods: out = out + ΔW_name x
+        out = adapters[name](x, out)
+
+``merge`` folds ``delta_weight()`` into the base weight (so inference runs at the bare
+model's speed) and ``unmerge`` subtracts it again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNotFoundError
+from .layers import LayerView
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, base: nn.Module, name: str):
+        super().__init__()
+        self.base = base
+        self.view = LayerView(base, name)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+
+    # Code written for the bare layer often reads .weight / .bias / in_features directly.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+    def __getattr__(self, item):
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            base = self._modules.get("base")
+            if base is not None and item in ("in_features", "out_features", "nf", "nx", "in_channels",
+                                             "out_channels", "kernel_size", "num_embeddings",
+                                             "embedding_dim", "padding_idx"):
+                return getattr(base, item)
+            raise
+
+    def forward(self, x, *args, **kwargs):
+        out = self.base(x, *args, **kwargs)
+        for name in self.active:
+            if name not in self.merged:
+                out = self.adapters[name](x, out)
+        return out
+
+    # ---- adapters ------------------------------------------------------------------------
+    def add(self, name: str, adapter: nn.Module) -> None:
+        self.adapters[name] = adapter
+        self.active.append(name)
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        del self.adapters[name]
+        if name in self.active:
+            self.active.remove(name)
+
+    def delta_weight(self, names=None) -> torch.Tensor:
+        """Sum of the weight views of ``names`` (default: active) in the base weight's layout."""
+        names = self.active if names is None else names
+        w = self.base.weight
+        total = torch.zeros_like(w)
+        for n in names:
+            total += self.adapters[n].delta_weight().to(w.dtype)
+        return total
+
+    @torch.no_grad()
+    def merge(self, names=None) -> None:
+        names = [n for n in (self.active if names is None else names) if n not in self.merged]
+        for n in names:
+            self._check(n)
+            self.base.weight.data += self.adapters[n].delta_weight().to(self.base.weight.dtype)
+            self.merged.append(n)
+
+    @torch.no_grad()
+    def unmerge(self, names=None) -> None:
+        names = list(reversed(self.merged)) if names is None else [n for n in names if n in self.merged]
+        for n in names:
+            self.base.weight.data -= self.adapters[n].delta_weight().to(self.base.weight.dtype)
+            self.merged.remove(n)
+
+    def _check(self, name: str) -> None:
+        if name not in self.adapters:
+            raise AdapterNotFoundError(
+                f"module '{self.view.name}' has no adapter '{name}'; it has {list(self.adapters)}."
+            )
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"

@@ -1,0 +1,354 @@
+"""The public adapter API: adapt, set_active, delete, merge, unmerge, unadapt, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ConfigError,
+    TargetError,
+    UnsupportedLayerError,
+    close_names,
+)
+from .adapted import AdaptedLayer
+from .config import AdapterConfig
+from .layers import KINDS, LayerView, kind_of
+from .registry import get_method
+
+STATE_ATTR = "rankwise_adapters"  # model.__dict__ entry: {adapter name: {"config", "modules"}}
+HEAD_NAMES = {"lm_head", "classifier", "score", "cls", "head", "output_layer", "qa_outputs", "output_projection"}
+
+
+# ---- configs -------------------------------------------------------------------------------
+def make_config(method_or_config, **hyper) -> AdapterConfig:
+    """A validated config from a method name plus options, or a config plus overrides."""
+    if isinstance(method_or_config, AdapterConfig):
+        cls = get_method(method_or_config.method)
+        return dataclasses.replace(method_or_config, **hyper) if hyper else method_or_config
+    if not isinstance(method_or_config, str):
+        raise TypeError(
+            f"adapt() takes a method name (one of rw.methods()) or a config such as rw.LoraConfig; "
+            f"got {type(method_or_config).__name__}."
+        )
+    cls = get_method(method_or_config)
+    valid = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(hyper) - valid
+    if unknown:
+        raise ConfigError(
+            f"method '{cls.name}' got unknown options {sorted(unknown)}; valid options: {sorted(valid)}."
+            + close_names(sorted(unknown)[0], valid)
+        )
+    return cls.Config(**hyper)
+
+
+def adapter_state(model: nn.Module) -> dict:
+    return model.__dict__.setdefault(STATE_ATTR, {})
+
+
+def adapted_layers(model: nn.Module) -> Iterable[tuple[str, AdaptedLayer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedLayer):
+            yield name, m
+
+
+# ---- targets -------------------------------------------------------------------------------
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module, seeing through AdaptedLayer wrappers to their base."""
+    out, skip = [], None
+    for name, m in model.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
+        if isinstance(m, AdaptedLayer):
+            skip = name + "."
+            out.append((name, m))
+        else:
+            out.append((name, m))
+    return out
+
+
+def _kind(m: nn.Module) -> str | None:
+    return m.view.kind if isinstance(m, AdaptedLayer) else kind_of(m)
+
+
+def _suffix_match(name: str, pats: list[str]) -> str | None:
+    for p in pats:
+        if name == p or name.endswith("." + p):
+            return p
+    return None
+
+
+def _excluded(name: str, exclude) -> bool:
+    if exclude is None:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return _suffix_match(name, list(exclude)) is not None
+
+
+def _output_heads(model: nn.Module, cands) -> set[str]:
+    heads = set()
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            emb = getter()
+        except Exception:  # some HF models raise NotImplementedError here
+            emb = None
+        if emb is not None:
+            heads |= {n for n, m in cands if m is emb or (isinstance(m, AdaptedLayer) and m.base is emb)}
+    heads |= {n for n, _ in cands if n.rsplit(".", 1)[-1] in HEAD_NAMES}
+    if not heads and not hasattr(model, "config"):
+        linear = [n for n, m in cands if _kind(m) in ("linear", "hf_conv1d")]
+        if len(linear) > 1:
+            heads.add(linear[-1])
+    return heads
+
+
+def resolve_targets(model: nn.Module, targets, exclude=None) -> list[str]:
+    """Names of the modules ``targets`` selects (see :class:`AdapterConfig`)."""
+    cands = _candidates(model)
+    names = [n for n, _ in cands if n]
+    if targets == "all-linear":
+        heads = _output_heads(model, cands)
+        found = [n for n, m in cands if _kind(m) in ("linear", "hf_conv1d") and n not in heads]
+    elif isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as e:
+            raise TargetError(f"targets regex {targets!r} does not compile: {e}. Fix the pattern.") from None
+        found = [n for n, m in cands if n and rx.fullmatch(n) and _kind(m) is not None]
+        if not found and any(rx.fullmatch(n) for n in names):
+            raise TargetError(
+                f"targets regex {targets!r} matches only modules rankwise cannot adapt (supported kinds: "
+                f"{', '.join(KINDS)}). Point it at the layers inside them."
+            )
+    elif callable(targets):
+        found = [n for n, m in cands if n and _kind(m) is not None and targets(n, m)]
+    else:
+        pats = list(targets)
+        found = []
+        for p in pats:
+            hits = [n for n, _ in cands if _suffix_match(n, [p])]
+            if not hits:
+                suffixes = {n.rsplit(".", 1)[-1] for n in names} | set(names)
+                raise TargetError(f"target '{p}' matches no module of {type(model).__name__}." + close_names(p, suffixes))
+            for n in hits:
+                m = dict(cands)[n]
+                if _kind(m) is None:
+                    if any(c.startswith(n + ".") for c in names):
+                        continue  # a container such as "attention": its layers may match other targets
+                    raise UnsupportedLayerError(
+                        f"target '{p}' matched module '{n}', a {type(m).__name__}; rankwise adapts "
+                        f"{', '.join(KINDS)} layers. Name a layer of one of these kinds."
+                    )
+                found.append(n)
+    found = [n for n in dict.fromkeys(found) if not _excluded(n, exclude)]
+    if not found:
+        raise TargetError(
+            f"targets={targets!r} (exclude={exclude!r}) selects no adaptable layer in {type(model).__name__}. "
+            "Use 'all-linear', module-name suffixes such as ['query', 'value'], or a regex."
+        )
+    return found
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# ---- adapt ---------------------------------------------------------------------------------
+def adapt(
+    model: nn.Module,
+    method_or_config,
+    name: str = "default",
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    calibration=None,
+    **hyperparameters,
+) -> nn.Module:
+    """Add adapter ``name`` to ``model`` in place and return ``model``.
+
+    ``method_or_config`` is a registered method name (``rw.methods()``) with its options as
+    keyword arguments, or a config object (``rw.LoraConfig(...)``). The base weights are frozen;
+    the new adapter (and ``modules_to_save``) are trainable and it becomes the active adapter.
+    Randomness comes from ``generator`` (or ``seed``), so the same seed gives the same adapter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapt() needs an nn.Module; got {type(model).__name__}.")
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.' or '/'.")
+    config = make_config(method_or_config, **hyperparameters)
+    cls = get_method(config.method)
+    state = adapter_state(model)
+    if name in state:
+        raise AdapterExistsError(
+            f"model already has an adapter named '{name}' (method {state[name]['config'].method}). "
+            "Pass another name=..., or rw.delete(model, name) first."
+        )
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+
+    targets = resolve_targets(model, config.targets, config.exclude)
+    save_mods = _resolve_modules_to_save(model, config.modules_to_save, targets)
+
+    # Build every adapter before touching the model: a failure leaves it unchanged.
+    built = []
+    for tname in targets:
+        m = model.get_submodule(tname)
+        base = m.base if isinstance(m, AdaptedLayer) else m
+        view = m.view if isinstance(m, AdaptedLayer) else LayerView(base, tname)
+        view.check_supported(cls.name, cls.kinds)
+        adapter = cls(view, config, generator=generator, calibration=calibration)
+        adapter.to(device=base.weight.device)
+        built.append((tname, m, adapter))
+
+    # Freeze the base; adapters already on the model keep their own trainable flags.
+    adapter_ids = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    for p in model.parameters():
+        if id(p) not in adapter_ids:
+            p.requires_grad_(False)
+    for tname, m, adapter in built:
+        if not isinstance(m, AdaptedLayer):
+            m = AdaptedLayer(m, tname)
+            _set_module(model, tname, m)
+        m.add(name, adapter)
+    for mname in save_mods:
+        for p in model.get_submodule(mname).parameters():
+            p.requires_grad_(True)
+    state[name] = {"config": config, "modules": targets, "modules_to_save": save_mods}
+    set_active(model, name)
+    return model
+
+
+def _resolve_modules_to_save(model, pats, targets) -> list[str]:
+    out = []
+    names = [n for n, _ in model.named_modules() if n]
+    for p in pats:
+        hits = [n for n in names if _suffix_match(n, [p]) and not any(n.startswith(t + ".") for t in targets)]
+        hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits if h != n)]
+        if not hits:
+            raise TargetError(f"modules_to_save entry '{p}' matches no module." + close_names(p, names))
+        if any(h in targets for h in hits):
+            raise ConfigError(
+                f"module '{p}' is both a target and in modules_to_save; a module is either adapted or "
+                "trained fully. Remove it from one of them."
+            )
+        out += hits
+    return list(dict.fromkeys(out))
+
+
+# ---- managing adapters ---------------------------------------------------------------------
+def _names(model, names) -> list[str]:
+    state = adapter_state(model)
+    if names is None:
+        return []
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        if n not in state:
+            raise AdapterNotFoundError(
+                f"model has no adapter '{n}'; it has {sorted(state) or 'none'}." + close_names(n, state)
+            )
+    return names
+
+
+def set_active(model: nn.Module, names) -> None:
+    """Make ``names`` (a name, a list, or ``None`` for none) the active adapters everywhere."""
+    names = _names(model, names)
+    for _, layer in adapted_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    act = []
+    for _, layer in adapted_layers(model):
+        act += [n for n in layer.active if n not in act]
+    return act
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters get their plain base back."""
+    _names(model, name)
+    for lname, layer in list(adapted_layers(model)):
+        if name in layer.adapters:
+            layer.remove(name)
+            if not layer.adapters:
+                _set_module(model, lname, layer.base)
+    del adapter_state(model)[name]
+
+
+def merge(model: nn.Module, names=None) -> None:
+    """Fold the active adapters (or ``names``) into the base weights."""
+    names = _names(model, names) if names is not None else None
+    for _, layer in adapted_layers(model):
+        layer.merge(None if names is None else [n for n in names if n in layer.adapters])
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Return the plain model: adapters removed, merged into the weights first if ``merge``."""
+    for lname, layer in list(adapted_layers(model)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _set_module(model, lname, layer.base)
+    model.__dict__.pop(STATE_ATTR, None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters that require gradients (shared tensors counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+class Summary(list):
+    """Rows (dicts) describing every adapted module; prints as a table."""
+
+    columns = ("module", "kind", "shape", "adapter", "method", "rank", "params", "state")
+
+    def __str__(self) -> str:
+        from ..utils.table import format_table
+
+        body = format_table([[r[c] for c in self.columns] for r in self], self.columns)
+        tot = sum(r["params"] for r in self)
+        return f"{body}\n{len(self)} adapted modules, {tot:,} adapter parameters"
+
+
+def summary(model: nn.Module) -> Summary:
+    rows = Summary()
+    for lname, layer in adapted_layers(model):
+        for aname, ad in layer.adapters.items():
+            cfg = ad.config
+            rows.append({
+                "module": lname,
+                "kind": layer.view.kind,
+                "shape": "x".join(map(str, layer.view.shape)),
+                "adapter": aname,
+                "method": cfg.method,
+                "rank": getattr(ad, "rank", getattr(cfg, "rank", "-")),
+                "params": sum(p.numel() for p in ad.parameters() if p.requires_grad),
+                "state": "merged" if aname in layer.merged else ("active" if aname in layer.active else "off"),
+            })
+    return rows
+
+

@@ -1,0 +1,58 @@
+"""The base configuration every method's config dataclass extends."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+
+
+@dataclass
+class AdapterConfig:
+    """Options shared by all adapter methods.
+
+    targets: ``"all-linear"`` (every Linear / HF Conv1D except the output head), a list of
+        module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``), or a
+        regular expression matched against the whole module name.
+    exclude: module-name suffixes or a regex to leave out of ``targets``.
+    modules_to_save: module-name suffixes of modules trained fully and saved with the adapter
+        (a classifier head, say).
+    """
+
+    method: ClassVar[str] = ""
+    targets: str | list[str] = "all-linear"
+    exclude: str | list[str] | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if not isinstance(self.targets, (str, list)) or (isinstance(self.targets, list) and not self.targets):
+            raise ConfigError(
+                f"{type(self).__name__}.targets={self.targets!r}: give 'all-linear', a non-empty list of "
+                "module-name suffixes, or a regex string."
+            )
+        self.modules_to_save = list(self.modules_to_save or [])
+
+    # ---- helpers for validation in subclasses ------------------------------------------
+    def _check(self, ok: bool, field_name: str, fix: str) -> None:
+        if not ok:
+            raise ConfigError(f"{type(self).__name__}.{field_name}={getattr(self, field_name)!r}: {fix}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} got unknown options {sorted(unknown)}; valid options: {sorted(names)}."
+            )
+        return cls(**d)
+
+    def replace(self, **kw) -> AdapterConfig:
+        return dataclasses.replace(self, **kw)

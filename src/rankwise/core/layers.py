@@ -1,0 +1,151 @@
+"""Layer kinds: every supported base layer seen as one matrix ``W0 (out × in)``.
+
+A method is written once against :class:`LayerView` and works on every kind it declares:
+
+========== ====================== ==================== =============================
+kind       module                 canonical ``W0``     ``in`` (flattened)
+========== ====================== ==================== =============================
+linear     ``nn.Linear``          ``weight``           ``in_features``
+hf_conv1d  HF ``Conv1D`` (GPT-2)  ``weight.T``         ``nx``
+conv1d     ``nn.Conv1d``          ``weight.reshape``   ``in_channels·k``
+conv2d     ``nn.Conv2d``          ``weight.reshape``   ``in_channels·kh·kw``
+embedding  ``nn.Embedding``       ``weight.T``         ``num_embeddings``
+========== ====================== ==================== =============================
+
+``apply_in(x, A)`` runs the layer's own operation with a weight whose canonical form is
+``A (r × in)`` — a thin linear, a conv with ``r`` output channels, an embedding lookup —
+and ``apply_out(h, B)`` maps the ``r`` channels to ``out`` (a 1×1 map on the channel
+axis). So ``apply_out(apply_in(x, A), B) == functional(x, B @ A) - bias``, which is how
+low-rank methods stay cheap on every kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedLayerError
+
+KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """The kind name of ``module`` or ``None`` when rankwise cannot adapt it."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    # Hugging Face's transposed linear (GPT-2 and friends); matched by shape, no import needed
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "hf_conv1d"
+    return None
+
+
+class LayerView:
+    """A frozen base layer seen as the matrix ``W0`` of shape ``(out, in)``.
+
+    Holds a plain (unregistered) reference to the base module, so methods can read the
+    base weight without the base's parameters appearing twice in a state dict.
+    """
+
+    def __init__(self, base: nn.Module, name: str = "?"):
+        kind = kind_of(base)
+        if kind is None:
+            raise UnsupportedLayerError(
+                f"module '{name}' is a {type(base).__name__}; rankwise adapts {', '.join(KINDS)} "
+                "layers. Pick targets that name such layers."
+            )
+        self.base = base
+        self.kind = kind
+        self.name = name
+        w = base.weight
+        if kind == "linear":
+            self.out_features, self.in_features = w.shape
+        elif kind == "hf_conv1d":
+            self.in_features, self.out_features = w.shape
+        elif kind in ("conv1d", "conv2d"):
+            self.out_features = w.shape[0]
+            self.in_features = w[0].numel()
+            self.kernel = tuple(w.shape[2:])
+        else:  # embedding
+            self.in_features, self.out_features = w.shape
+
+    # ---- shapes -------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def channel_dim(self) -> int:
+        return 1 if self.kind in ("conv1d", "conv2d") else -1
+
+    def weight2d(self) -> torch.Tensor:
+        """``W0`` as a dense ``(out, in)`` matrix (a view of the base weight where possible)."""
+        w = self.base.weight
+        if self.kind in ("hf_conv1d", "embedding"):
+            return w.t()
+        if self.kind in ("conv1d", "conv2d"):
+            return w.reshape(self.out_features, -1)
+        return w
+
+    def to_param(self, w2d: torch.Tensor) -> torch.Tensor:
+        """Canonical ``(out, in)`` matrix → the base parameter's own layout."""
+        if self.kind in ("hf_conv1d", "embedding"):
+            return w2d.t()
+        if self.kind in ("conv1d", "conv2d"):
+            return w2d.reshape(self.base.weight.shape)
+        return w2d
+
+    # ---- operations -----------------------------------------------------------------
+    def functional(self, x: torch.Tensor, w2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The base layer's output for input ``x`` if its weight were ``w2d`` (canonical)."""
+        b = self.base.bias if bias and self.kind != "embedding" else None
+        if self.kind in ("linear", "hf_conv1d"):
+            return F.linear(x, w2d, b)
+        if self.kind in ("conv1d", "conv2d"):
+            return self.base._conv_forward(x, w2d.reshape(self.base.weight.shape), b)
+        e = self.base
+        return F.embedding(x, w2d.t(), e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+
+    def apply_in(self, x: torch.Tensor, a2d: torch.Tensor) -> torch.Tensor:
+        """The layer's operation with an ``(r, in)`` weight: ``r`` output channels, no bias."""
+        if self.kind in ("linear", "hf_conv1d"):
+            return F.linear(x, a2d)
+        if self.kind in ("conv1d", "conv2d"):
+            if self.base.groups != 1:
+                raise UnsupportedLayerError(
+                    f"module '{self.name}' is a grouped convolution (groups={self.base.groups}); "
+                    "low-rank adapters need groups=1. Exclude it from targets."
+                )
+            return self.base._conv_forward(x, a2d.reshape(a2d.shape[0], *self.base.weight.shape[1:]), None)
+        return F.embedding(x, a2d.t(), self.base.padding_idx)
+
+    def apply_out(self, h: torch.Tensor, b2d: torch.Tensor) -> torch.Tensor:
+        """Map ``r`` channels to ``out`` channels with ``b2d (out, r)`` on the channel axis."""
+        if self.kind == "conv2d":
+            return F.conv2d(h, b2d[:, :, None, None])
+        if self.kind == "conv1d":
+            return F.conv1d(h, b2d[:, :, None])
+        return F.linear(h, b2d)
+
+    def check_supported(self, method: str, kinds) -> None:
+        if self.kind not in kinds:
+            raise UnsupportedLayerError(
+                f"method '{method}' cannot adapt module '{self.name}' ({type(self.base).__name__}, "
+                f"kind '{self.kind}', weight {tuple(self.base.weight.shape)}); it supports "
+                f"{', '.join(sorted(kinds))}. Remove this module from targets or use another method."
+            )
+        if self.kind == "embedding" and self.base.max_norm is not None:
+            raise UnsupportedLayerError(
+                f"module '{self.name}' is an Embedding with max_norm={self.base.max_norm}, which rewrites its "
+                "weight in place on every lookup; adapters cannot be added to it. Set max_norm=None."
+            )

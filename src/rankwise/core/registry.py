@@ -1,0 +1,58 @@
+"""The method registry: every adapter method registers itself under its name.
+
+A method is an ``nn.Module`` class with:
+
+* ``Config`` — a dataclass subclassing :class:`rankwise.core.config.AdapterConfig`;
+* ``kinds`` — the layer kinds it supports (see :mod:`rankwise.core.layers`);
+* ``__init__(view, config, generator=None, calibration=None)``;
+* ``forward(x, base_out)`` — the activation view: the adapted layer's output;
+* ``delta_weight()`` — the weight view ``W_adapted - W0`` in the base parameter's layout;
+* ``num_params(view, config)`` (classmethod) — its trainable-parameter formula;
+* ``merge_atol`` — the float tolerance within which merge→unmerge restores ``W0``;
+* ``identity_at_init`` — whether the adapted layer equals the base layer right after init;
+* ``summary`` (one line) and a docstring with the math and the paper.
+"""
+
+from __future__ import annotations
+
+from ..errors import MethodNotFoundError, close_names
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: ``@register("lora")`` makes the method available by name."""
+
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name '{name}' is already registered by {_REGISTRY[name].__name__}")
+        for attr in ("Config", "kinds", "forward", "delta_weight", "num_params"):
+            if not hasattr(cls, attr):
+                raise TypeError(f"method class {cls.__name__} registered as '{name}' lacks '{attr}'")
+        cls.name = name
+        cls.Config.method = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MethodNotFoundError(
+            f"no adapter method named '{name}'. Registered: {', '.join(sorted(_REGISTRY))}."
+            + close_names(name, _REGISTRY)
+        ) from None
+
+
+def methods() -> list[str]:
+    """Names of all registered adapter methods, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from .. import methods as _  # noqa: F401  (importing registers the built-in methods)

@@ -1,0 +1,204 @@
+"""Adapter files: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Layout of a directory written by :func:`save`::
+
+    adapter_config.json       format, rankwise version, per adapter: method, config,
+                              adapted modules with kind and base weight shape,
+                              modules_to_save, and the SHA-256 of the weights file
+    adapter_model.safetensors "<adapter>/<module>/<param>" for adapter tensors,
+                              "<adapter>/modules_to_save/<module>/<param>" for saved modules
+
+Both files are written atomically (the directory is built under a temporary name and
+swapped in). :func:`load` checks everything — file integrity, module names, kinds and
+shapes — before it changes the model, so a failed load leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.api import adapt, adapted_layers, adapter_state, set_active
+from ..core.api import delete as delete_adapter
+from ..core.registry import get_method
+from ..errors import AdapterExistsError, CorruptFileError, ShapeMismatchError, TargetError
+from .atomic import atomic_dir, save_tensors, write_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "rankwise-adapter/1"
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _exact(names) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def save(model: nn.Module, path: str | Path, names=None) -> Path:
+    """Save adapters ``names`` (default: all) of ``model`` to directory ``path``."""
+    state = adapter_state(model)
+    names = list(state) if names is None else ([names] if isinstance(names, str) else list(names))
+    if not names:
+        raise TargetError(f"{type(model).__name__} has no adapters to save; call rw.adapt(...) first.")
+    layers = dict(adapted_layers(model))
+    tensors, meta = {}, {}
+    for name in names:
+        if name not in state:
+            raise TargetError(f"model has no adapter '{name}'; it has {sorted(state)}.")
+        entry = state[name]
+        mods = {}
+        for mname in entry["modules"]:
+            layer = layers[mname]
+            mods[mname] = {"kind": layer.view.kind, "weight_shape": list(layer.base.weight.shape)}
+            for pname, t in layer.adapters[name].state_dict().items():
+                tensors[f"{name}/{mname}/{pname}"] = t
+        for mname in entry["modules_to_save"]:
+            for pname, t in model.get_submodule(mname).state_dict().items():
+                tensors[f"{name}/modules_to_save/{mname}/{pname}"] = t
+        meta[name] = {
+            "method": entry["config"].method,
+            "config": entry["config"].to_dict(),
+            "modules": mods,
+            "modules_to_save": entry["modules_to_save"],
+        }
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
+        write_json(tmp / CONFIG_NAME, {
+            "format": FORMAT,
+            "rankwise_version": __version__,
+            "adapters": meta,
+            "weights_sha256": sha256(tmp / WEIGHTS_NAME),
+        })
+    return path
+
+
+def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify an adapter directory: (config dict, tensors). Touches no model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for f in (cfg_file, w_file):
+        if not f.is_file():
+            raise CorruptFileError(f"{f} does not exist; is '{path}' a directory written by rw.save()?")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{cfg_file} is not valid JSON ({e}); the file is damaged. Save the adapter again.") from None
+    if cfg.get("format") != FORMAT:
+        hint = " It looks like a PEFT adapter: use rw.import_peft()." if "peft_type" in cfg else ""
+        raise CorruptFileError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}.{hint}")
+    digest = sha256(w_file)
+    if cfg.get("weights_sha256") not in (None, digest):
+        raise CorruptFileError(
+            f"{w_file} is corrupted or truncated: SHA-256 {digest[:12]}… does not match the "
+            f"{cfg['weights_sha256'][:12]}… recorded at save time. Restore the file or save it again."
+        )
+    try:
+        tensors = load_file(str(w_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"{w_file} cannot be read as safetensors ({e}); the file is damaged.") from None
+    return cfg, tensors
+
+
+def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Module:
+    """Load adapters saved by :func:`save` onto ``model`` (a fresh base model); return ``model``.
+
+    All checks happen before the model changes: a module that is missing or has another
+    shape fails with an error naming it and both shapes, and nothing is loaded.
+    """
+    cfg, tensors = read(path)
+    saved = cfg["adapters"]
+    names = list(saved) if names is None else ([names] if isinstance(names, str) else list(names))
+    state = adapter_state(model)
+    modules = dict(model.named_modules())
+    layers = dict(adapted_layers(model))
+    for name in names:
+        if name not in saved:
+            raise TargetError(f"{path} holds adapters {sorted(saved)}, not '{name}'.")
+        if name in state:
+            raise AdapterExistsError(f"model already has an adapter '{name}'; rw.delete(model, '{name}') first.")
+        for mname, info in saved[name]["modules"].items():
+            m = layers.get(mname) or modules.get(mname)
+            if m is None:
+                raise ShapeMismatchError(
+                    f"adapter '{name}' in {path} adapts module '{mname}' (weight {tuple(info['weight_shape'])}), "
+                    f"which this {type(model).__name__} does not have. Load it onto the model it was trained on."
+                )
+            base = m.base if mname in layers else m
+            got = tuple(getattr(base, "weight", torch.empty(0)).shape)
+            if got != tuple(info["weight_shape"]):
+                raise ShapeMismatchError(
+                    f"module '{mname}': the saved adapter '{name}' was made for weight shape "
+                    f"{tuple(info['weight_shape'])}, but this model's weight is {got}. "
+                    "Load it onto the same architecture it was trained on."
+                )
+        for mname in saved[name]["modules_to_save"]:
+            if mname not in modules:
+                raise ShapeMismatchError(f"adapter '{name}' saves module '{mname}', which this model lacks.")
+
+    added = []
+    try:
+        for name in names:
+            info = saved[name]
+            cls = get_method(info["method"])
+            config = cls.Config.from_dict(info["config"])
+            exact = config.replace(targets=_exact(info["modules"]), exclude=None,
+                                   modules_to_save=[])
+            adapt(model, exact, name=name)
+            added.append(name)
+            state[name]["config"] = config
+            state[name]["modules_to_save"] = list(info["modules_to_save"])
+            _load_into(model, name, info, tensors)
+    except Exception:
+        for name in added:
+            delete_adapter(model, name)
+        raise
+    set_active(model, [n for n in names] if active else None)
+    return model
+
+
+def _load_into(model, name, info, tensors) -> None:
+    layers = dict(adapted_layers(model))
+    plan = []
+    for mname in info["modules"]:
+        plan.append((layers[mname].adapters[name], f"{name}/{mname}/", mname))
+    for mname in info["modules_to_save"]:
+        plan.append((model.get_submodule(mname), f"{name}/modules_to_save/{mname}/", mname))
+    # check every key and shape first, then copy
+    for module, prefix, mname in plan:
+        own = module.state_dict()
+        theirs = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if set(own) != set(theirs):
+            raise ShapeMismatchError(
+                f"module '{mname}' of adapter '{name}': saved tensors {sorted(theirs)} do not match the "
+                f"expected {sorted(own)}. The file comes from another version or method settings."
+            )
+        for k, v in own.items():
+            if tuple(v.shape) != tuple(theirs[k].shape):
+                raise ShapeMismatchError(
+                    f"module '{mname}' of adapter '{name}': '{k}' has shape {tuple(theirs[k].shape)} in the "
+                    f"file but {tuple(v.shape)} in the model. Use the same method settings as when saving."
+                )
+    with torch.no_grad():
+        for module, prefix, _ in plan:
+            for k, v in module.state_dict(keep_vars=True).items():
+                v.copy_(tensors[prefix + k])
+    for mname in info["modules_to_save"]:
+        for p in model.get_submodule(mname).parameters():
+            p.requires_grad_(True)

@@ -1,0 +1,152 @@
+"""The PEFT adapter format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+Generic over the registry: a method that PEFT also has provides ``peft_accepts``,
+``to_peft_config``, ``from_peft_config``, ``peft_tensors``, ``load_peft_tensors`` and
+``peft_suffixes``; nothing here names a method. Tensor keys follow PEFT:
+``base_model.model.<module>.<suffix>``; ``modules_to_save`` tensors are
+``base_model.model.<module>.<param>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.api import adapt, adapted_layers, adapter_state
+from ..core.api import delete as delete_adapter
+from ..core.registry import get_method, methods
+from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError
+from .atomic import atomic_dir, save_tensors, write_json
+
+PREFIX = "base_model.model."
+
+
+def export_peft(model: nn.Module, path: str | Path, name: str | None = None, base_model_name_or_path=None) -> Path:
+    """Write adapter ``name`` (default: the only one) as a PEFT adapter directory."""
+    state = adapter_state(model)
+    if name is None:
+        if len(state) != 1:
+            raise TargetError(f"model has adapters {sorted(state)}; pass name=... to pick the one to export.")
+        name = next(iter(state))
+    if name not in state:
+        raise TargetError(f"model has no adapter '{name}'; it has {sorted(state)}.")
+    entry = state[name]
+    cls = get_method(entry["config"].method)
+    if not hasattr(cls, "to_peft_config"):
+        raise ConfigError(
+            f"method '{cls.name}' has no PEFT equivalent; save it with rw.save() instead."
+        )
+    layers = dict(adapted_layers(model))
+    views, tensors = [], {}
+    for mname in entry["modules"]:
+        ad = layers[mname].adapters[name]
+        views.append(layers[mname].view)
+        for suffix, t in ad.peft_tensors().items():
+            tensors[f"{PREFIX}{mname}.{suffix}"] = t
+    for mname in entry["modules_to_save"]:
+        for pname, t in model.get_submodule(mname).state_dict().items():
+            tensors[f"{PREFIX}{mname}.{pname}"] = t
+    pcfg = cls.to_peft_config(entry["config"], views)
+    pcfg.update({
+        "target_modules": list(entry["modules"]),
+        "modules_to_save": list(entry["modules_to_save"]) or None,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "task_type": None,
+        "inference_mode": True,
+    })
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", pcfg)
+    return path
+
+
+def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn.Module:
+    """Load a PEFT adapter directory onto ``model`` (the plain base model) as adapter ``name``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        pcfg = json.loads((path / "adapter_config.json").read_text())
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path}/adapter_config.json does not exist; is this a PEFT adapter directory?") from None
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{path}/adapter_config.json is not valid JSON ({e}).") from None
+    wfile = path / "adapter_model.safetensors"
+    if not wfile.is_file():
+        raise CorruptFileError(f"{wfile} does not exist (rankwise reads safetensors only, never pickled .bin files).")
+    try:
+        tensors = load_file(str(wfile))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"{wfile} cannot be read as safetensors ({e}); the file is damaged.") from None
+
+    matches = [m for m in methods() if getattr(get_method(m), "peft_accepts", lambda c: False)(pcfg)]
+    if not matches:
+        raise ConfigError(
+            f"PEFT adapter type {pcfg.get('peft_type')!r} in {path} has no rankwise method yet "
+            f"(methods with PEFT support: {[m for m in methods() if hasattr(get_method(m), 'peft_accepts')]})."
+        )
+    cls = get_method(matches[0])
+    suffixes = cls.peft_suffixes()
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    saved_mods: dict[str, dict[str, torch.Tensor]] = {}
+    mod_names = {n for n, _ in model.named_modules()}
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = re.sub(r"\.(?:modules_to_save\.[^.]+|original_module)\.", ".", k)
+        suffix = next((s for s in suffixes if k.endswith("." + s)), None)
+        if suffix is not None:
+            per_module.setdefault(k[: -len(suffix) - 1], {})[suffix] = t
+            continue
+        mod, _, pname = k.rpartition(".")
+        if mod not in mod_names:
+            raise ShapeMismatchError(
+                f"PEFT file {wfile} holds '{key}', but {type(model).__name__} has no module '{mod}'. "
+                "Import onto the base model the adapter was trained on."
+            )
+        saved_mods.setdefault(mod, {})[pname] = t
+    if not per_module:
+        raise CorruptFileError(f"{wfile} holds no {cls.name} tensors (expected keys ending in {suffixes}).")
+    missing = sorted(set(per_module) - mod_names)
+    if missing:
+        raise ShapeMismatchError(
+            f"PEFT adapter adapts modules {missing[:5]} that {type(model).__name__} does not have. "
+            "Import onto the base model it was trained on."
+        )
+    # modules_to_save: check shapes before touching anything
+    for mod, params in saved_mods.items():
+        own = model.get_submodule(mod).state_dict()
+        for pname, t in params.items():
+            if pname not in own or own[pname].shape != t.shape:
+                raise ShapeMismatchError(
+                    f"module '{mod}': PEFT tensor '{pname}' has shape {tuple(t.shape)}, the model's is "
+                    f"{tuple(own[pname].shape) if pname in own else 'missing'}."
+                )
+    opts = cls.from_peft_config(pcfg)
+    targets = "^(?:" + "|".join(re.escape(n) for n in sorted(per_module)) + ")$"
+    adapt(model, cls.Config(targets=targets, **opts), name=name)
+    try:
+        layers = dict(adapted_layers(model))
+        for mod, ts in per_module.items():
+            layers[mod].adapters[name].load_peft_tensors(ts)
+    except Exception:
+        delete_adapter(model, name)
+        raise
+    with torch.no_grad():
+        for mod, params in saved_mods.items():
+            m = model.get_submodule(mod)
+            own = m.state_dict(keep_vars=True)
+            for pname, t in params.items():
+                own[pname].copy_(t)
+            for p in m.parameters():
+                p.requires_grad_(True)
+    entry = adapter_state(model)[name]
+    entry["config"] = entry["config"].replace(targets=sorted(per_module), modules_to_save=sorted(saved_mods))
+    entry["modules_to_save"] = sorted(saved_mods)
+    return model

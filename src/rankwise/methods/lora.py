@@ -1,0 +1,213 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685).
+
+The frozen weight ``W0 (out × in)`` gets a trainable low-rank update::
+
+    W = W0 + s · B A,      A ∈ R^{r×in},  B ∈ R^{out×r},  s = α / r   (rsLoRA: s = α / √r)
+
+Activation view (never forms ``B A``)::
+
+    y = W0 x + b + s · B (A drop(x))
+
+Init ``kaiming`` (default): ``A ~ U(-1/√in, 1/√in)`` (PyTorch's Linear default, as PEFT), ``B = 0``;
+``gaussian``: ``A ~ N(0, 1/r²)``, ``B = 0``. For embeddings the roles swap (``A = 0``,
+``B ~ N(0, 1)``), as in PEFT, so the update starts at zero and both factors get gradients.
+At init ``ΔW = 0``, so the adapted model equals the base exactly.
+
+Parameters per layer: ``r · (in + out)`` (``in`` = ``in_channels·k`` for convolutions).
+
+Memory: with dropout ``p > 0`` on linear layers the dropped input is never stored; the
+autograd function below keeps the layer input (which the graph holds anyway) and a 1-byte
+mask, and rebuilds ``drop(x)`` in backward — PEFT keeps a full extra copy of the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.layers import LayerView
+from ..core.registry import register
+from ..errors import ConfigError
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """rank: r; alpha: α (default: r, so s = 1); dropout: on the adapter's input;
+    rslora: s = α/√r; init: 'kaiming' | 'gaussian'."""
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(isinstance(self.rank, int) and self.rank > 0, "rank", "rank must be a positive integer.")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        self._check(self.alpha > 0, "alpha", "alpha must be positive.")
+        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
+        self._check(self.init in ("kaiming", "gaussian"), "init", "use 'kaiming' or 'gaussian'.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def check_rank(view: LayerView, rank: int, method: str) -> None:
+    """Refuse ranks above min(out, in): the update could not use them."""
+    limit = min(view.out_features, view.in_features)
+    if rank > limit:
+        raise ConfigError(
+            f"{method} rank={rank} is larger than module '{view.name}' allows: its weight is "
+            f"{view.out_features}x{view.in_features}, so rank ≤ {limit}. Lower rank or exclude the module."
+        )
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """``h = (x ⊙ m / (1-p)) Aᵀ`` saving ``x`` and the bool mask ``m``, not the dropped copy."""
+
+    @staticmethod
+    def forward(ctx, x, a, mask, keep):
+        ctx.keep = keep
+        ctx.save_for_backward(x, a, mask)
+        return F.linear(x * mask * (1.0 / keep), a)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, a, mask = ctx.saved_tensors
+        inv = 1.0 / ctx.keep
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h @ a) * mask * inv
+        if ctx.needs_input_grad[1]:
+            xd = (x * mask * inv).reshape(-1, x.shape[-1])
+            grad_a = grad_h.reshape(-1, grad_h.shape[-1]).t() @ xd
+        return grad_x, grad_a, None, None
+
+
+@register("lora")
+class Lora(nn.Module):
+    """Low-rank update ``s · B A`` (see module docstring)."""
+
+    Config = LoraConfig
+    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    summary = "ΔW = s·BA, A random, B = 0 (Hu et al. 2021); rsLoRA scaling option"
+    identity_at_init = True
+    merge_atol = 1e-5
+    default_lr = 1e-3
+
+    def __init__(self, view: LayerView, config: LoraConfig, generator=None, calibration=None):
+        super().__init__()
+        check_rank(view, config.rank, "lora")
+        self.view, self.config, self.rank = view, config, config.rank
+        self.scale = config.scale
+        w = view.weight
+        kw = {"dtype": w.dtype if w.is_floating_point() else torch.float32}
+        r, n_in, n_out = config.rank, view.in_features, view.out_features
+        self.lora_A = nn.Parameter(torch.empty(r, n_in, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
+        with torch.no_grad():
+            if view.kind == "embedding":
+                self.lora_A.zero_()
+                self.lora_B.normal_(generator=generator)
+            elif config.init == "gaussian":
+                self.lora_A.normal_(0.0, 1.0 / r, generator=generator)
+            else:
+                bound = 1.0 / math.sqrt(n_in)
+                self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.drop = config.dropout
+
+    @classmethod
+    def num_params(cls, view: LayerView, config: LoraConfig) -> int:
+        return config.rank * (view.in_features + view.out_features)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A, self.lora_B
+        if x.is_floating_point() and x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        linear = self.view.kind in ("linear", "hf_conv1d")
+        if self.drop > 0 and self.training and linear:
+            keep = 1.0 - self.drop
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
+            h = _DropoutLinear.apply(x, a, mask, keep)
+        else:
+            if self.drop > 0 and self.training and x.is_floating_point():
+                x = F.dropout(x, self.drop, training=True)
+            h = self.view.apply_in(x, a)
+        if linear and base_out.dtype == h.dtype:
+            # one fused kernel: base_out + s·h Bᵀ (no out-sized temporaries)
+            out2d = torch.addmm(base_out.reshape(-1, b.shape[0]), h.reshape(-1, b.shape[1]), b.t(), alpha=self.scale)
+            return out2d.view(base_out.shape)
+        return base_out + (self.view.apply_out(h, b) * self.scale).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.view.to_param((self.lora_B @ self.lora_A) * self.scale)
+
+    # ---- PEFT format (used by rankwise.io.peft) -------------------------------------------
+    peft_type = "LORA"
+
+    @classmethod
+    def peft_accepts(cls, pcfg: dict) -> bool:
+        return pcfg.get("peft_type") == "LORA" and not pcfg.get("use_dora")
+
+    @classmethod
+    def to_peft_config(cls, config: LoraConfig, views: list[LayerView]) -> dict:
+        return {
+            "peft_type": "LORA",
+            "r": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "use_rslora": config.rslora,
+            "bias": "none",
+            "fan_in_fan_out": any(v.kind == "hf_conv1d" for v in views),
+            "init_lora_weights": True,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+    @classmethod
+    def from_peft_config(cls, pcfg: dict) -> dict:
+        for key in ("rank_pattern", "alpha_pattern"):
+            if pcfg.get(key):
+                raise ConfigError(
+                    f"PEFT adapter uses {key}={pcfg[key]}; rankwise's lora has one rank and alpha per "
+                    "adapter. Re-export it from PEFT without per-module patterns."
+                )
+        if pcfg.get("bias", "none") != "none" or pcfg.get("lora_bias"):
+            raise ConfigError("PEFT adapter trains biases (bias != 'none'); rankwise's lora leaves biases frozen.")
+        return {"rank": int(pcfg["r"]), "alpha": float(pcfg["lora_alpha"]),
+                "dropout": float(pcfg.get("lora_dropout") or 0.0), "rslora": bool(pcfg.get("use_rslora"))}
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        a, b, v = self.lora_A, self.lora_B, self.view
+        if v.kind == "embedding":
+            return {"lora_embedding_A": a, "lora_embedding_B": b}
+        if v.kind in ("conv1d", "conv2d"):
+            k = v.weight.shape[2:]
+            return {"lora_A.weight": a.reshape(a.shape[0], -1, *k),
+                    "lora_B.weight": b.reshape(*b.shape, *([1] * len(k)))}
+        return {"lora_A.weight": a, "lora_B.weight": b}
+
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        names = ("lora_embedding_A", "lora_embedding_B") if self.view.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        for key, param in zip(names, (self.lora_A, self.lora_B)):
+            t = tensors[key].reshape(param.shape[0], -1)
+            if t.shape != param.shape:
+                from ..errors import ShapeMismatchError
+                raise ShapeMismatchError(
+                    f"module '{self.view.name}': PEFT tensor {key} has shape {tuple(tensors[key].shape)}, "
+                    f"rankwise expects {tuple(param.shape)}. Load it onto the model it was trained on."
+                )
+            with torch.no_grad():
+                param.copy_(t)
+
+    @classmethod
+    def peft_suffixes(cls) -> tuple[str, ...]:
+        return ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
