@@ -60,22 +60,27 @@ class PeakRSS:
 class saved_activation_bytes:
     """Count the bytes autograd saves for backward inside the block.
 
-    ``with saved_activation_bytes() as s: loss = model(x).sum()`` then ``s.bytes``.
-    Parameters and other leaf tensors are not activations and are skipped; a storage saved
-    by several ops is counted once.
+    ``with saved_activation_bytes(model) as s: loss = model(x).sum()`` then ``s.bytes``.
+    Tensors sharing storage with ``model``'s parameters or buffers are weights, not
+    activations, and are skipped; a storage saved by several ops is counted once.
     """
 
+    def __init__(self, model: torch.nn.Module | None = None):
+        self._weights: set[int] = set()
+        if model is not None:
+            for t in list(model.parameters()) + list(model.buffers()):
+                self._weights.add(t.untyped_storage().data_ptr())
+
     def __enter__(self):
-        self._seen: set[int] = set()
+        self._seen: set[int] = set(self._weights)
         self.bytes = 0
 
         def pack(t: torch.Tensor):
-            if not (t.is_leaf and t.requires_grad) and not isinstance(t, torch.nn.Parameter):
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key not in self._seen:
-                    self._seen.add(key)
-                    self.bytes += st.nbytes()
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += st.nbytes()
             return t
 
         self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
