@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import errors
+from .core import registry as _registry
 from .core.api import (
     active_adapters,
     adapt,
@@ -26,8 +27,8 @@ from .io.files import load, save
 from .io.peft import export_peft, import_peft
 from .methods.lora import LoraConfig
 
-# Bound last: importing the ``rankwise.methods`` package above sets an attribute of the same name.
-from .core.registry import methods  # noqa: E402, I001
+# Bound after the imports: importing the ``rankwise.methods`` package sets an attribute of that name.
+methods = _registry.methods
 
 __all__ = [
     "AdapterConfig",

@@ -1,0 +1,119 @@
+"""Shared pieces of the ``demo`` and ``finetune`` commands: one fine-tuning run per method."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from ..core.api import adapt, trainable_parameters
+from ..core.registry import get_method
+from ..utils.memory import saved_activation_bytes
+from ..utils.table import format_table
+
+FULL = "full"
+
+
+def method_options(method: str, rank: int | None = None, **overrides) -> dict:
+    """Options for ``rw.adapt``: the method's demo defaults, a rank if it has one, overrides."""
+    cls = get_method(method)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    opts = dict(getattr(cls, "demo_options", {}))
+    if rank is not None and "rank" in fields:
+        opts["rank"] = rank
+    opts.update({k: v for k, v in overrides.items() if v is not None and k in fields})
+    return opts
+
+
+def default_lr(method: str) -> float:
+    return 1e-4 if method == FULL else getattr(get_method(method), "default_lr", 1e-3)
+
+
+def train_memory_bytes(model, batch, loss_fn) -> dict[str, int]:
+    """Training memory by part: weights, gradients, AdamW state, saved activations (one batch).
+
+    Activations are measured exactly with autograd's saved-tensor hooks; the rest is counted
+    from the parameters, so the figure is deterministic (unlike sampled RSS).
+    """
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    with saved_activation_bytes(model) as s:
+        loss = loss_fn(model, batch)
+    del loss
+    return {"weights": weights, "grads": trainable, "optimizer": 2 * trainable, "activations": s.bytes}
+
+
+def prepare(model, method: str, options: dict, head: list[str], seed: int):
+    if method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    return adapt(model, method, seed=seed, modules_to_save=head, **options)
+
+
+def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, desc, progress=True):
+    """Fine-tune one method on a fresh model; return (row dict, TrainResult, model)."""
+    from ..train import train
+
+    model = make_model()
+    model = prepare(model, method, options, head, cfg.seed)
+    model.train()
+    mem = train_memory_bytes(model, task.collate(train_enc[: cfg.batch_size]), task.loss)
+    t0 = time.perf_counter()
+    result = train(model, train_enc, task.collate, task.loss, cfg, eval_fn=task.evaluator(valid_enc),
+                   progress=progress, desc=desc)
+    wall = time.perf_counter() - t0
+    acc = result.evals[-1][1]["accuracy"] if result.evals else float("nan")
+    row = {
+        "method": method,
+        "rank": options.get("rank", "-") if method != FULL else "-",
+        "trainable params": trainable_parameters(model),
+        "accuracy": round(acc, 4),
+        "final loss": round(sum(result.losses[-10:]) / max(1, len(result.losses[-10:])), 4),
+        "wall time (s)": round(wall, 1),
+        "train mem (MB)": round(sum(mem.values()) / 2**20, 1),
+        "activations (MB)": round(mem["activations"] / 2**20, 1),
+    }
+    return row, result, model
+
+
+def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list[float]], notes: str) -> Path:
+    """report.md + loss_curves.png in ``out`` (atomic writes)."""
+    from ..io.atomic import atomic_path, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "loss_curves.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, losses in curves.items():
+        ema, sm = [], None
+        for v in losses:
+            sm = v if sm is None else 0.9 * sm + 0.1 * v
+            ema.append(sm)
+        ax.plot(range(1, len(ema) + 1), ema, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (EMA 0.9)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    headers = list(rows[0]) if rows else []
+    table = format_table([[r[h] for h in headers] for r in rows], headers, markdown=True)
+    md = f"# {title}\n\n{table}\n\n![loss curves](loss_curves.png)\n\n{notes}\n"
+    write_text(out / "report.md", md)
+    return out / "report.md"
+
+
+def print_table(rows: list[dict]) -> None:
+    headers = list(rows[0])
+    print(format_table([[r[h] for h in headers] for r in rows], headers))
+
+

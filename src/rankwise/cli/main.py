@@ -1,0 +1,91 @@
+"""The ``rankwise`` command line: demo, finetune, methods."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _targets(s: str | None):
+    """'all-linear', a comma list of suffixes ('query,value'), or a regex (anything with regex chars)."""
+    if s is None or s == "all-linear":
+        return "all-linear"
+    if any(c in s for c in "*()[]^$|\\+?"):
+        return s
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rankwise", description="Low-rank deep learning on PyTorch.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command")
+
+    d = sub.add_parser("demo", help="fine-tune MiniLM on a built-in text task with every method; print a table")
+    d.add_argument("--out", default="demo_out", help="output folder for report.md, loss_curves.png")
+    d.add_argument("--methods", default=None,
+                   help="comma list of methods to run (default: full fine-tuning and every registered method)")
+    d.add_argument("--model", default=None, help="model folder or hub id (default: bundled all-MiniLM-L6-v2)")
+    d.add_argument("--steps", type=int, default=80)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--max-length", type=int, default=64)
+    d.add_argument("--rank", type=int, default=8)
+    d.add_argument("--per-family", type=int, default=150, help="examples per label (train+valid)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
+
+    f = sub.add_parser("finetune", help="fine-tune a sequence classifier on your CSV/JSONL with one method")
+    f.add_argument("--model", required=True, help="model folder or hub id")
+    f.add_argument("--data", required=True, help=".csv or .jsonl file")
+    f.add_argument("--text-col", default="text")
+    f.add_argument("--label-col", default="label")
+    f.add_argument("--valid-data", default=None, help="separate validation file (default: split --data)")
+    f.add_argument("--valid-frac", type=float, default=0.2)
+    f.add_argument("--method", default="lora", help="a registered method or 'full'")
+    f.add_argument("--rank", type=int, default=8)
+    f.add_argument("--alpha", type=float, default=None)
+    f.add_argument("--dropout", type=float, default=None)
+    f.add_argument("--targets", default="all-linear", help="'all-linear', 'query,value' or a regex")
+    f.add_argument("--modules-to-save", default=None, help="comma list (default: the classification head)")
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--max-length", type=int, default=128)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, help="output folder: adapter/, checkpoint/, report.md")
+    f.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
+    f.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("methods", help="list registered methods")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        from .. import __version__
+
+        print(__version__)
+        return 0
+    if args.command == "methods":
+        from ..core.registry import get_method, methods
+
+        for name in methods():
+            cls = get_method(name)
+            print(f"{name:<14} {getattr(cls, 'summary', (cls.__doc__ or '').strip().splitlines()[0])}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args)
+        return 0
+    if args.command == "finetune":
+        from .finetune import run_finetune
+
+        run_finetune(args)
+        return 0
+    build_parser().print_help()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
