@@ -31,13 +31,13 @@ def make_config(method_or_config, **hyper) -> AdapterConfig:
     """A validated config from a method name plus options, or a config plus overrides."""
     if isinstance(method_or_config, AdapterConfig):
         cls = get_method(method_or_config.method)
-        return dataclasses.replace(method_or_config, **hyper) if hyper else method_or_config
-    if not isinstance(method_or_config, str):
+    elif isinstance(method_or_config, str):
+        cls = get_method(method_or_config)
+    else:
         raise TypeError(
             f"adapt() takes a method name (one of rw.methods()) or a config such as rw.LoraConfig; "
             f"got {type(method_or_config).__name__}."
         )
-    cls = get_method(method_or_config)
     valid = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = set(hyper) - valid
     if unknown:
@@ -45,6 +45,8 @@ def make_config(method_or_config, **hyper) -> AdapterConfig:
             f"method '{cls.name}' got unknown options {sorted(unknown)}; valid options: {sorted(valid)}."
             + close_names(sorted(unknown)[0], valid)
         )
+    if isinstance(method_or_config, AdapterConfig):
+        return dataclasses.replace(method_or_config, **hyper) if hyper else method_or_config
     return cls.Config(**hyper)
 
 
@@ -110,26 +112,42 @@ def _output_heads(model: nn.Module, cands) -> set[str]:
     return heads
 
 
+# PyTorch modules that read their sublayers' weights directly (F.multi_head_attention_forward,
+# the fused inference fast path) instead of calling them: an adapter there would be ignored.
+FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def resolve_targets(model: nn.Module, targets, exclude=None) -> list[str]:
     """Names of the modules ``targets`` selects (see :class:`AdapterConfig`)."""
     cands = _candidates(model)
     names = [n for n, _ in cands if n]
+    fused = [(n, type(m).__name__) for n, m in cands if isinstance(m, FUSED)]
+
+    def bypassed_by(n: str):
+        inside = [f for f in fused if n.startswith(f[0] + ".") or not f[0]]
+        return max(inside, key=lambda f: len(f[0])) if inside else None
+
+    def kind_at(n: str, m: nn.Module) -> str | None:  # layers inside FUSED modules are not adaptable
+        return None if bypassed_by(n) else _kind(m)
+
     if targets == "all-linear":
         heads = _output_heads(model, cands)
-        found = [n for n, m in cands if _kind(m) in ("linear", "hf_conv1d") and n not in heads]
+        found = [n for n, m in cands if n and kind_at(n, m) in ("linear", "hf_conv1d") and n not in heads]
     elif isinstance(targets, str):
         try:
             rx = re.compile(targets)
         except re.error as e:
             raise TargetError(f"targets regex {targets!r} does not compile: {e}. Fix the pattern.") from None
-        found = [n for n, m in cands if n and rx.fullmatch(n) and _kind(m) is not None]
-        if not found and any(rx.fullmatch(n) for n in names):
+        found = [n for n, m in cands if n and rx.fullmatch(n) and kind_at(n, m) is not None]
+        matched = [f"'{n}' ({type(m).__name__})" for n, m in cands if n and rx.fullmatch(n)]
+        if not found and matched:
             raise TargetError(
-                f"targets regex {targets!r} matches only modules rankwise cannot adapt (supported kinds: "
+                f"targets regex {targets!r} matches only modules rankwise cannot adapt: "
+                f"{', '.join(matched[:5])}{' …' if len(matched) > 5 else ''} (supported kinds: "
                 f"{', '.join(KINDS)}). Point it at the layers inside them."
             )
     elif callable(targets):
-        found = [n for n, m in cands if n and _kind(m) is not None and targets(n, m)]
+        found = [n for n, m in cands if n and kind_at(n, m) is not None and targets(n, m)]
     else:
         pats = list(targets)
         found = []
@@ -140,6 +158,13 @@ def resolve_targets(model: nn.Module, targets, exclude=None) -> list[str]:
                 raise TargetError(f"target '{p}' matches no module of {type(model).__name__}." + close_names(p, suffixes))
             for n in hits:
                 m = dict(cands)[n]
+                if bypassed_by(n) and _kind(m) is not None and not _excluded(n, exclude):
+                    f, ftype = bypassed_by(n)
+                    raise UnsupportedLayerError(
+                        f"target '{p}' matched module '{n}' ({type(m).__name__}) inside '{f}', a {ftype}, "
+                        "which reads its layers' weights directly instead of calling them, so an adapter "
+                        "there would be ignored. Leave it out of targets (exclude=...)."
+                    )
                 if _kind(m) is None:
                     if any(c.startswith(n + ".") for c in names):
                         continue  # a container such as "attention": its layers may match other targets
@@ -150,9 +175,11 @@ def resolve_targets(model: nn.Module, targets, exclude=None) -> list[str]:
                 found.append(n)
     found = [n for n in dict.fromkeys(found) if not _excluded(n, exclude)]
     if not found:
+        hint = (" rw.adapt changes a model's submodules in place, so it cannot wrap the model itself: "
+                "adapt a container such as nn.Sequential(layer)." if _kind(model) is not None else "")
         raise TargetError(
             f"targets={targets!r} (exclude={exclude!r}) selects no adaptable layer in {type(model).__name__}. "
-            "Use 'all-linear', module-name suffixes such as ['query', 'value'], or a regex."
+            "Use 'all-linear', module-name suffixes such as ['query', 'value'], or a regex." + hint
         )
     return found
 
@@ -210,8 +237,10 @@ def adapt(
         adapter.to(device=base.weight.device)
         built.append((tname, m, adapter))
 
-    # Freeze the base; adapters already on the model keep their own trainable flags.
+    # Freeze the base; adapters already on the model (and their modules_to_save) keep their own flags.
     adapter_ids = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    adapter_ids |= {id(p) for entry in state.values() for mname in entry.get("modules_to_save", [])
+                    for p in model.get_submodule(mname).parameters()}
     for p in model.parameters():
         if id(p) not in adapter_ids:
             p.requires_grad_(False)
@@ -236,10 +265,14 @@ def _resolve_modules_to_save(model, pats, targets) -> list[str]:
         hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits if h != n)]
         if not hits:
             raise TargetError(f"modules_to_save entry '{p}' matches no module." + close_names(p, names))
-        if any(h in targets for h in hits):
+        adapted = list(targets) + [n for n, _ in adapted_layers(model)]
+        both = [(h, t) for h in hits for t in adapted if t == h or t.startswith(h + ".")]
+        if both:
+            h, t = both[0]
             raise ConfigError(
-                f"module '{p}' is both a target and in modules_to_save; a module is either adapted or "
-                "trained fully. Remove it from one of them."
+                f"module '{t}' is adapted and " + ("is" if t == h else f"inside '{h}', which is")
+                + f" in modules_to_save (entry '{p}'); a module is either adapted or trained fully. "
+                "Remove it from one of them."
             )
         out += hits
     return list(dict.fromkeys(out))
@@ -260,10 +293,32 @@ def _names(model, names) -> list[str]:
 
 
 def set_active(model: nn.Module, names) -> None:
-    """Make ``names`` (a name, a list, or ``None`` for none) the active adapters everywhere."""
+    """Make ``names`` (a name, a list, or ``None`` for none) the active adapters everywhere.
+
+    A merged adapter that becomes inactive is unmerged first, so the output never holds an
+    inactive adapter (``None`` gives the base model's output).
+    """
     names = _names(model, names)
     for _, layer in adapted_layers(model):
+        layer.unmerge([n for n in layer.merged if n not in names])
         layer.active = [n for n in names if n in layer.adapters]
+
+
+def snapshot(model: nn.Module):
+    """Trainable flags and active adapters of ``model``, for :func:`restore` after a failed change."""
+    return ([(p, p.requires_grad) for p in model.parameters()],
+            {name: (list(layer.active), list(layer.merged)) for name, layer in adapted_layers(model)})
+
+
+def restore(model: nn.Module, snap) -> None:
+    flags, layers = snap
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for name, layer in adapted_layers(model):
+        if name in layers:
+            active, merged = layers[name]
+            layer.merge([n for n in merged if n in layer.adapters and n not in layer.merged])
+            layer.active = [n for n in active if n in layer.adapters]
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -284,11 +339,35 @@ def delete(model: nn.Module, name: str) -> None:
     del adapter_state(model)[name]
 
 
+def _check_untied(model: nn.Module, layers) -> None:
+    """Refuse to merge into a weight another module shares (GPT-2's ``wte``/``lm_head``):
+    the merge would change that module too, and the merged model would not match the unmerged one."""
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mname)
+    for lname, layer in layers:
+        others = [o for o in owners.get(id(layer.base.weight), []) if o != f"{lname}.base"]
+        if others:
+            raise ConfigError(
+                f"module '{lname}' shares its weight {tuple(layer.base.weight.shape)} with {others} (tied "
+                "weights); merging its adapter would change those modules too. Keep the adapter unmerged, "
+                "or untie the weights before adapting."
+            )
+
+
 def merge(model: nn.Module, names=None) -> None:
-    """Fold the active adapters (or ``names``) into the base weights."""
+    """Fold the active adapters (or ``names``, which become active) into the base weights."""
     names = _names(model, names) if names is not None else None
-    for _, layer in adapted_layers(model):
-        layer.merge(None if names is None else [n for n in names if n in layer.adapters])
+    todo = []
+    for lname, layer in adapted_layers(model):
+        todo.append((lname, layer, None if names is None else [n for n in names if n in layer.adapters]))
+    _check_untied(model, [(lname, layer) for lname, layer, ns in todo
+                          if any(n not in layer.merged for n in (layer.active if ns is None else ns))])
+    for _, layer, ns in todo:
+        layer.merge(ns)
+        # a merged adapter is part of the output, so it counts as active (set_active unmerges it)
+        layer.active += [n for n in layer.merged if n not in layer.active]
 
 
 def unmerge(model: nn.Module) -> None:
@@ -299,6 +378,9 @@ def unmerge(model: nn.Module) -> None:
 
 def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
     """Return the plain model: adapters removed, merged into the weights first if ``merge``."""
+    if merge:
+        _check_untied(model, [(n, layer) for n, layer in adapted_layers(model)
+                              if any(a not in layer.merged for a in layer.active)])
     for lname, layer in list(adapted_layers(model)):
         if merge:
             layer.merge()

@@ -144,6 +144,11 @@ class LayerView:
                 f"kind '{self.kind}', weight {tuple(self.base.weight.shape)}); it supports "
                 f"{', '.join(sorted(kinds))}. Remove this module from targets or use another method."
             )
+        if self.kind in ("conv1d", "conv2d") and self.base.groups != 1:
+            raise UnsupportedLayerError(
+                f"module '{self.name}' is a grouped convolution (groups={self.base.groups}, weight "
+                f"{tuple(self.base.weight.shape)}); low-rank adapters need groups=1. Exclude it from targets."
+            )
         if self.kind == "embedding" and self.base.max_norm is not None:
             raise UnsupportedLayerError(
                 f"module '{self.name}' is an Embedding with max_norm={self.base.max_norm}, which rewrites its "

@@ -42,7 +42,8 @@ def load_sequence_classifier(path_or_id: str | os.PathLike, num_labels: int, see
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"'{path}' is not a local folder and HF_HUB_OFFLINE=1; pass a model folder.")
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                               ignore_mismatched_sizes=True)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # GPT-style tokenizers
         tok.pad_token = tok.eos_token

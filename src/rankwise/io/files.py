@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.api import adapt, adapted_layers, adapter_state, set_active
+from ..core.api import adapt, adapted_layers, adapter_state, restore, set_active, snapshot
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, CorruptFileError, ShapeMismatchError, TargetError
@@ -151,8 +151,21 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
         for mname in saved[name]["modules_to_save"]:
             if mname not in modules:
                 raise ShapeMismatchError(f"adapter '{name}' saves module '{mname}', which this model lacks.")
+            prefix = f"{name}/modules_to_save/{mname}/"
+            own = modules[mname].state_dict()
+            for k, t in tensors.items():
+                if k.startswith(prefix) and (k[len(prefix):] not in own
+                                             or tuple(own[k[len(prefix):]].shape) != tuple(t.shape)):
+                    got = tuple(own[k[len(prefix):]].shape) if k[len(prefix):] in own else "missing"
+                    raise ShapeMismatchError(
+                        f"module '{mname}' (modules_to_save of adapter '{name}'): '{k[len(prefix):]}' has "
+                        f"shape {tuple(t.shape)} in the file, but {got} in this model."
+                    )
 
-    added = []
+    # Add the adapters, check every tensor against them, and only then copy: a failure
+    # removes what was added and restores the model's flags, so the model is unchanged.
+    snap = snapshot(model)
+    added, plans = [], []
     try:
         for name in names:
             info = saved[name]
@@ -164,16 +177,20 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
             added.append(name)
             state[name]["config"] = config
             state[name]["modules_to_save"] = list(info["modules_to_save"])
-            _load_into(model, name, info, tensors)
+            plans.append((info, _plan(model, name, info, tensors)))
     except Exception:
         for name in added:
             delete_adapter(model, name)
+        restore(model, snap)
         raise
+    for info, plan in plans:
+        _copy(model, info, plan, tensors)
     set_active(model, [n for n in names] if active else None)
     return model
 
 
-def _load_into(model, name, info, tensors) -> None:
+def _plan(model, name, info, tensors) -> list:
+    """(module, key prefix, module name) for adapter ``name``, every key and shape checked."""
     layers = dict(adapted_layers(model))
     plan = []
     for mname in info["modules"]:
@@ -195,6 +212,10 @@ def _load_into(model, name, info, tensors) -> None:
                     f"module '{mname}' of adapter '{name}': '{k}' has shape {tuple(theirs[k].shape)} in the "
                     f"file but {tuple(v.shape)} in the model. Use the same method settings as when saving."
                 )
+    return plan
+
+
+def _copy(model, info, plan, tensors) -> None:
     with torch.no_grad():
         for module, prefix, _ in plan:
             for k, v in module.state_dict(keep_vars=True).items():

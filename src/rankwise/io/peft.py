@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.api import adapt, adapted_layers, adapter_state
+from ..core.api import adapt, adapted_layers, adapter_state, restore, snapshot
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError
@@ -96,6 +96,7 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     suffixes = cls.peft_suffixes()
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     saved_mods: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, dict[str, torch.Tensor]] = {}  # PEFT saves targeted embeddings' base weights
     mod_names = {n for n, _ in model.named_modules()}
     for key, t in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -103,6 +104,10 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
         suffix = next((s for s in suffixes if k.endswith("." + s)), None)
         if suffix is not None:
             per_module.setdefault(k[: -len(suffix) - 1], {})[suffix] = t
+            continue
+        based = re.fullmatch(r"(.+)\.base_layer\.([^.]+)", k)
+        if based is not None:
+            base_weights.setdefault(based.group(1), {})[based.group(2)] = t
             continue
         mod, _, pname = k.rpartition(".")
         if mod not in mod_names:
@@ -119,9 +124,17 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
             f"PEFT adapter adapts modules {missing[:5]} that {type(model).__name__} does not have. "
             "Import onto the base model it was trained on."
         )
-    # modules_to_save: check shapes before touching anything
-    for mod, params in saved_mods.items():
-        own = model.get_submodule(mod).state_dict()
+    stray = sorted(set(base_weights) - set(per_module))
+    if stray:
+        raise ShapeMismatchError(
+            f"PEFT file {wfile} holds base-layer weights of {stray[:5]}, which it does not adapt. "
+            "The file is not a LoRA adapter rankwise understands."
+        )
+    # modules_to_save and base-layer weights: check shapes before touching anything
+    layers = dict(adapted_layers(model))
+    for mod, params in [*saved_mods.items(), *base_weights.items()]:
+        m = model.get_submodule(mod)
+        own = (layers[mod].base if mod in layers and mod in base_weights else m).state_dict()
         for pname, t in params.items():
             if pname not in own or own[pname].shape != t.shape:
                 raise ShapeMismatchError(
@@ -130,6 +143,7 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
                 )
     opts = cls.from_peft_config(pcfg)
     targets = "^(?:" + "|".join(re.escape(n) for n in sorted(per_module)) + ")$"
+    snap = snapshot(model)
     adapt(model, cls.Config(targets=targets, **opts), name=name)
     try:
         layers = dict(adapted_layers(model))
@@ -137,8 +151,13 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
             layers[mod].adapters[name].load_peft_tensors(ts)
     except Exception:
         delete_adapter(model, name)
+        restore(model, snap)
         raise
     with torch.no_grad():
+        for mod, params in base_weights.items():
+            own = layers[mod].base.state_dict(keep_vars=True)
+            for pname, t in params.items():
+                own[pname].copy_(t)
         for mod, params in saved_mods.items():
             m = model.get_submodule(mod)
             own = m.state_dict(keep_vars=True)

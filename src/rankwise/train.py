@@ -1,0 +1,503 @@
+"""A small training loop: AdamW, linear warmup then cosine decay, gradient accumulation,
+clipping, periodic evaluation, and exact-resume checkpoints in safetensors + JSON.
+
+    cfg = TrainConfig(steps=200, batch_size=16, lr=1e-3)
+    result = train(model, data, collate, loss_fn, cfg, eval_fn=evaluate, checkpoint_dir="ckpt")
+
+Determinism: micro-batch ``k`` of a run is a pure function of ``(seed, k)`` (epoch ``e`` is the
+permutation ``torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + e))``,
+cut into ``len(data) // batch_size`` batches; the last partial batch is dropped), and the
+torch RNG (dropout) is seeded with ``seed`` inside a forked RNG, so the caller's global RNG is
+untouched. A checkpoint holds everything else the next step depends on (trainable weights,
+optimizer and scheduler state, RNG state), so a resumed run is bitwise identical to an
+uninterrupted one.
+
+Checkpoint directory (written atomically, replacing the previous one; never pickle):
+
+- ``model.safetensors``: the trainable parameters by name (frozen ones come from the model).
+- ``optimizer.safetensors``: every tensor of the optimizer state (``state.<param_index>.<key>``),
+  of its param groups and of the scheduler, and the RNG state (``rng.cpu``, ``rng.cuda.<i>``).
+- ``trainer_state.json``: the step, the non-tensor parts of the optimizer and scheduler state
+  (tensors appear as ``{"__tensor__": key}``), the config, and the loss/lr/eval history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, CorruptFileError, ShapeMismatchError, close_names
+from .io.atomic import atomic_dir
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_scheduler",
+    "save_checkpoint",
+    "train",
+    "warmup_cosine",
+]
+
+CHECKPOINT_FORMAT = "rankwise.train/1"
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of :func:`train`; every field is checked in ``__post_init__``."""
+
+    steps: int = 100  # optimizer steps
+    batch_size: int = 16  # examples per micro-batch; one optimizer step sees batch_size * grad_accum
+    lr: float = 1e-3  # peak learning rate (ignored when train() is given an optimizer)
+    weight_decay: float = 0.0  # AdamW decoupled decay on parameters with ndim >= 2 only
+    warmup: float = 0.06  # fraction of steps if < 1, else a number of steps; linear warmup then cosine to 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
+    eval_every: int = 0  # 0 = only at the end (if eval_fn given)
+    checkpoint_every: int = 0  # 0 = no periodic checkpoints (a final one is written if checkpoint_dir)
+    seed: int = 0  # batch order and torch RNG (dropout)
+
+    def __post_init__(self):
+        _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("grad_accum", self.grad_accum, 1)
+        _check_int("eval_every", self.eval_every, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
+        _check_int("seed", self.seed, 0)
+        _check_float("lr", self.lr, "a learning rate >= 0, e.g. 1e-3")
+        _check_float("weight_decay", self.weight_decay, "a decay >= 0, e.g. 0.01")
+        _check_float("warmup", self.warmup, "a fraction of steps (< 1, e.g. 0.06) or a number of steps")
+        if self.warmup >= 1:
+            if self.warmup != int(self.warmup):
+                raise ConfigError(f"TrainConfig: warmup={self.warmup!r} is >= 1, so it counts steps and must be "
+                                  "a whole number; use a fraction < 1 for a share of the steps.")
+            if self.warmup > self.steps:
+                raise ConfigError(f"TrainConfig: warmup={self.warmup!r} steps is more than steps={self.steps}; "
+                                  "lower warmup or raise steps.")
+        if self.max_grad_norm is not None:
+            _check_float("max_grad_norm", self.max_grad_norm, "a norm > 0 (e.g. 1.0) or None for no clipping")
+            if self.max_grad_norm == 0:
+                raise ConfigError("TrainConfig: max_grad_norm=0 would zero every gradient; use a norm > 0 "
+                                  "(e.g. 1.0) or None for no clipping.")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Number of warmup steps: ``round(warmup * steps)`` for a fraction, else ``warmup``."""
+        return round(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"TrainConfig: {name}={value!r} must be an int >= {low}.")
+
+
+def _check_float(name: str, value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"TrainConfig: {name}={value!r} is invalid; use {what}.")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # one per optimizer step (mean over accumulation micro-batches)
+    evals: list[tuple[int, dict]]  # (step, metrics)
+    wall_time: float  # seconds spent in this call
+    steps: int  # optimizer steps done in total (including those before a resume)
+    lrs: list[float] = field(default_factory=list)  # learning rate (first param group) used at each step
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def warmup_cosine(steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier for ``LambdaLR``: linear warmup to 1, then cosine to 0.
+
+    ``LambdaLR`` calls it with ``s`` = optimizer steps already taken, so optimizer step
+    ``k = s + 1`` (1-based) runs at ``lr * k / W`` for ``k <= W`` (no wasted step at lr 0),
+    then at ``lr * (1 + cos(pi * (k - 1 - W) / (steps - W))) / 2``, which reaches 0 just
+    after the last step.
+    """
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if s >= steps:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * (s - warmup_steps) / (steps - warmup_steps)))
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norm weights (ndim < 2)."""
+    params = _trainable(model)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": ps, "weight_decay": wd}
+              for ps, wd in ((decay, config.weight_decay), (no_decay, 0.0)) if ps]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_steps))
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ConfigError(f"train: {type(model).__name__} has no parameters with requires_grad=True; adapt it "
+                          "first (rw.adapt) or unfreeze the parameters to train.")
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    model: nn.Module,
+    train_data: Sequence,
+    collate: Callable[[list], object],
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    config: TrainConfig | None = None,
+    *,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``config.steps`` optimizer steps; return losses, evals and wall time.
+
+    ``train_data``: any sequence (``len`` and integer indexing); ``collate(items) -> batch``;
+    ``loss_fn(model, batch) -> scalar tensor``, the mean over the batch (each micro-batch loss is
+    scaled by ``1 / grad_accum``, so accumulation matches one big batch); ``eval_fn(model) ->
+    {metric: float}`` runs in eval mode under ``no_grad`` every ``eval_every`` steps and at the
+    end. ``optimizer`` replaces the default AdamW (``config.lr``/``weight_decay`` then do not
+    apply; the warmup-cosine schedule scales its learning rates). ``checkpoint_dir``: write a
+    checkpoint there every ``checkpoint_every`` steps and at the end; with ``resume=True`` an
+    existing checkpoint there is loaded and training continues from its step (the result then
+    holds the whole history). The model must be built the same way as for the first run: only
+    trainable parameters are saved.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train: config must be a TrainConfig, got {type(config).__name__}.")
+    n = len(train_data)
+    if n < config.batch_size:
+        raise ConfigError(f"train: {n} training examples is fewer than batch_size={config.batch_size}; "
+                          "lower batch_size or add data (the last partial batch of an epoch is dropped).")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("train: resume=True needs checkpoint_dir= (the directory of the checkpoint to resume).")
+    if checkpoint_dir is not None:
+        _check_replaceable(Path(checkpoint_dir))
+    if optimizer is None:
+        optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    batches = _BatchOrder(n, config.batch_size, config.seed)
+
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    t0 = time.perf_counter()
+    was_training = model.training
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(config.seed)
+        step, losses, lrs, evals = 0, [], [], []
+        if resume and (Path(checkpoint_dir) / "trainer_state.json").exists():
+            step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+            losses, lrs, evals = _history(checkpoint_dir, config)
+        model.train()
+        bar = _progress(config.steps, step, desc, progress)
+        while step < config.steps:
+            optimizer.zero_grad(set_to_none=True)
+            total = None
+            for micro in range(config.grad_accum):
+                batch = collate([train_data[i] for i in batches[step * config.grad_accum + micro]])
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ConfigError(f"train: loss_fn must return a scalar tensor, got "
+                                      f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)}; "
+                                      "reduce it with .mean() over the batch.")
+                (loss / config.grad_accum).backward()
+                total = loss.detach() if total is None else total + loss.detach()
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append((total / config.grad_accum).item())  # the one host sync per step
+            lrs.append(float(lr))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{float(lr):.2e}", refresh=False)
+            bar.update(1)
+
+            if eval_fn is not None and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
+                evals.append((step, _evaluate(model, eval_fn)))
+            if checkpoint_dir is not None and (step == config.steps or (
+                    config.checkpoint_every and step % config.checkpoint_every == 0)):
+                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, config=config,
+                                history={"losses": losses, "lrs": lrs, "evals": evals})
+        bar.close()
+        if eval_fn is not None and (not evals or evals[-1][0] != step):
+            evals.append((step, _evaluate(model, eval_fn)))  # resumed at the end: nothing ran yet
+    model.train(was_training)
+    return TrainResult(losses=losses, evals=evals, wall_time=time.perf_counter() - t0, steps=step, lrs=lrs)
+
+
+class _BatchOrder:
+    """Indices of micro-batch ``k``: a pure function of ``(seed, k)``, one permutation per epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+
+
+def _evaluate(model: nn.Module, eval_fn) -> dict[str, float]:
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = eval_fn(model)
+    finally:
+        model.train()
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"train: eval_fn must return a dict of metric name -> float, got "
+                          f"{type(metrics).__name__}.")
+    return {str(k): float(v) for k, v in metrics.items()}
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def _history(checkpoint_dir, config: TrainConfig):
+    state = _read_state(Path(checkpoint_dir))
+    saved = state.get("config") or {}
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
+               if k in saved and saved[k] != v and k not in ("steps", "eval_every", "checkpoint_every")]
+    if changed:
+        warnings.warn(f"train: resuming from {checkpoint_dir} with a different config ({'; '.join(changed)}); "
+                      "the run will not match an uninterrupted one.", stacklevel=3)
+    hist = state.get("history") or {}
+    evals = [(int(s), dict(m)) for s, m in hist.get("evals", [])]
+    return [float(v) for v in hist.get("losses", [])], [float(v) for v in hist.get("lrs", [])], evals
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, never pickle
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler=None,
+    step: int = 0,
+    *,
+    config: TrainConfig | None = None,
+    history: dict | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (an existing one is replaced only once complete).
+
+    Saves the trainable parameters of ``model``, the optimizer and scheduler state (either may be
+    ``None``), the torch RNG state, ``step``, and optionally the config and a JSON-able history.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    _check_replaceable(directory)
+    params = _trainable(model)
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": int(step),
+        "params": {name: list(p.shape) for name, p in params.items()},
+        "optimizer": None if optimizer is None else _encode(optimizer.state_dict(), "", tensors),
+        "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler.", tensors),
+        "config": None if config is None else dataclasses.asdict(config),
+        "history": history,
+    }
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i)
+    text = json.dumps(state, indent=1, sort_keys=True)
+
+    with atomic_dir(directory) as tmp:
+        save_file(_plain(params), str(tmp / "model.safetensors"))
+        save_file(_plain(tensors), str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(text + "\n")
+    return directory
+
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None) -> int:
+    """Load a :func:`save_checkpoint` directory into ``model`` (and optimizer, scheduler); return the step.
+
+    Everything is checked before anything changes: a parameter whose name or shape differs
+    from the model's trainable ones raises :class:`~rankwise.errors.ShapeMismatchError`. Also
+    restores the torch RNG state saved with the checkpoint.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state = _read_state(directory)
+    try:
+        saved = load_file(str(directory / "model.safetensors"))
+        extra = load_file(str(directory / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CorruptFileError(f"load_checkpoint: cannot read the safetensors files in {directory} ({e}); "
+                               "the checkpoint is incomplete or damaged, write a new one.") from None
+    params = _trainable(model)
+    _check_params(directory, saved, params)
+    opt_state = None
+    if optimizer is not None:
+        if state.get("optimizer") is None:
+            raise CorruptFileError(f"load_checkpoint: {directory} holds no optimizer state; pass optimizer=None "
+                                   "to load the weights only.")
+        opt_state = _decode(state["optimizer"], extra)
+        _check_groups(directory, opt_state, optimizer)
+    if scheduler is not None and state.get("scheduler") is None:
+        raise CorruptFileError(f"load_checkpoint: {directory} holds no scheduler state; pass scheduler=None.")
+
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(_decode(state["scheduler"], extra))
+    torch.set_rng_state(extra["rng.cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"rng.cuda.{i}" in extra:
+                torch.cuda.set_rng_state(extra[f"rng.cuda.{i}"], i)
+    return int(state["step"])
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuse to replace a non-empty directory that is not a checkpoint (it would be deleted)."""
+    if directory.exists() and (not directory.is_dir() or (
+            any(directory.iterdir()) and not (directory / "trainer_state.json").is_file())):
+        raise ConfigError(f"checkpoint_dir {directory} exists and is not a rankwise checkpoint; writing a "
+                          "checkpoint replaces the whole directory, so pass a new or dedicated directory "
+                          "(e.g. out/checkpoint).")
+
+
+def _read_state(directory: Path) -> dict:
+    path = directory / "trainer_state.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"load_checkpoint: {directory} is not a rankwise checkpoint (no trainer_state.json); "
+                                "pass the directory given to train(checkpoint_dir=...).")
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"load_checkpoint: {path} is not valid JSON ({e.msg}); the checkpoint is "
+                               "damaged, write a new one.") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CorruptFileError(f"load_checkpoint: {path} has format {state.get('format')!r}, expected "
+                               f"{CHECKPOINT_FORMAT!r}.")
+    return state
+
+
+def _check_params(directory: Path, saved: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+    extra = [name for name in saved if name not in params]
+    if extra:
+        shown = ", ".join(f"{n!r} {tuple(saved[n].shape)}" for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise ShapeMismatchError(
+            f"load_checkpoint: {directory} holds parameter(s) {shown} that are not trainable parameters of the "
+            f"model.{close_names(extra[0], params)} Adapt (or unfreeze) the model the same way as the run that "
+            "wrote the checkpoint.")
+    for name, p in params.items():  # in model order, so the first mismatch reported is the earliest
+        if name in saved and tuple(saved[name].shape) != tuple(p.shape):
+            raise ShapeMismatchError(
+                f"load_checkpoint: parameter {name!r} has shape {tuple(saved[name].shape)} in {directory} but "
+                f"shape {tuple(p.shape)} in the model; build the model (and adapters, rank) as in the run "
+                "that wrote the checkpoint.")
+    missing = [name for name in params if name not in saved]
+    if missing:
+        raise ShapeMismatchError(
+            f"load_checkpoint: {directory} has no value for trainable parameter(s) "
+            f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''} of the model; adapt the "
+            "model the same way as the run that wrote the checkpoint (or freeze these parameters).")
+
+
+def _check_groups(directory: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    got = [len(g["params"]) for g in saved["param_groups"]]
+    if have != got:
+        raise ShapeMismatchError(
+            f"load_checkpoint: the optimizer state in {directory} has param groups of sizes {got}, the "
+            f"optimizer has {have}; use the same optimizer (and trainable parameters) as the saved run.")
+
+
+def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous, CPU tensors that share no storage (what safetensors accepts)."""
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        out[k] = t
+    return out
+
+
+def _encode(obj, path: str, tensors: dict[str, torch.Tensor]):
+    """A JSON-able copy of ``obj``; each tensor goes to ``tensors[path]`` and is left as a marker."""
+    if isinstance(obj, torch.Tensor):
+        key = path.rstrip(".")
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, f"{path}{k}.", tensors) for k, v in obj.items()}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            return {"__int_keys__": {str(k): _encode(v, f"{path}{k}.", tensors) for k, v in obj.items()}}
+    elif isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{path}{i}.", tensors) for i, v in enumerate(obj)]}
+    elif isinstance(obj, list):
+        return [_encode(v, f"{path}{i}.", tensors) for i, v in enumerate(obj)]
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ConfigError(f"save_checkpoint: state entry {path.rstrip('.')!r} is a {type(obj).__name__}, which cannot "
+                      "be stored without pickle; keep optimizer/scheduler state to tensors, numbers and strings.")
+
+
+def _decode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CorruptFileError(f"load_checkpoint: tensor {key!r} is missing from optimizer.safetensors; "
+                                       "the checkpoint is damaged.")
+            return tensors[key]
+        if set(obj) == {"__int_keys__"}:
+            return {int(k): _decode(v, tensors) for k, v in obj["__int_keys__"].items()}
+        if set(obj) == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj

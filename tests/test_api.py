@@ -1,0 +1,442 @@
+"""The public API: named adapters, set_active, delete, unadapt, summary, target forms,
+modules_to_save, trainable_parameters, and atomic writes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise as rw
+from rankwise.core.adapted import AdaptedLayer
+from rankwise.core.api import adapter_state
+
+ATOL = 1e-5
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _adapted(model) -> dict[str, AdaptedLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def _dense_model(base, model, names=None):
+    """A copy of ``base`` whose adapted weights are ``W0 + Σ delta_weight`` of ``names`` (default: active)."""
+    dense = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, layer in _adapted(model).items():
+            on_layer = None if names is None else [a for a in names if a in layer.adapters]
+            dense.get_submodule(n).weight.add_(layer.delta_weight(on_layer))
+    return dense
+
+
+@pytest.fixture
+def two_adapters(bert, perturb, adapter_params_of):
+    """(base, model) with adapters 'a' on query/value and 'b' on query/key, both non-zero."""
+    base = bert()
+    model = copy.deepcopy(base)
+    rw.adapt(model, "lora", rank=2, alpha=4.0, targets=["query", "value"], name="a", seed=0)
+    rw.adapt(model, rw.LoraConfig(rank=3, targets=["query", "key"]), name="b", seed=1)
+    perturb(adapter_params_of(model, "a"), seed=1)
+    perturb(adapter_params_of(model, "b"), seed=2)
+    return base, model
+
+
+# ---- several adapters, set_active ----------------------------------------------------------------
+def test_several_adapters_per_layer(two_adapters):
+    _, model = two_adapters
+    layers = _adapted(model)
+    q = "bert.encoder.layer.0.attention.self.query"
+    assert list(layers[q].adapters) == ["a", "b"]
+    assert list(layers[q.replace("query", "value")].adapters) == ["a"]
+    assert list(layers[q.replace("query", "key")].adapters) == ["b"]
+    assert len(layers) == 6
+    assert rw.active_adapters(model) == ["b"]  # the newest adapter becomes the active one
+    # AdaptedLayer still looks like the layer it wraps
+    assert layers[q].in_features == 32 and layers[q].weight is layers[q].base.weight
+
+
+def test_set_active(two_adapters, token_batch):
+    base, model = two_adapters
+    ref = _logits(base, token_batch)
+
+    rw.set_active(model, None)
+    assert rw.active_adapters(model) == []
+    assert torch.equal(_logits(model, token_batch), ref), "no active adapter must give the base output exactly"
+
+    for names in ("a", "b", ["a", "b"], ["b", "a"]):
+        rw.set_active(model, names)
+        expect = _logits(_dense_model(base, model), token_batch)
+        got = _logits(model, token_batch)
+        assert (got - expect).abs().max() <= ATOL, names
+        assert (got - ref).abs().max() > 1e-3
+
+    # two active adapters: the update is the sum of both
+    rw.set_active(model, ["a", "b"])
+    both = _dense_model(base, model, ["a", "b"])
+    only_a, only_b = _dense_model(base, model, ["a"]), _dense_model(base, model, ["b"])
+    for n in _adapted(model):
+        w0 = base.get_submodule(n).weight
+        torch.testing.assert_close(both.get_submodule(n).weight - w0,
+                                   (only_a.get_submodule(n).weight - w0) + (only_b.get_submodule(n).weight - w0))
+
+
+def test_set_active_after_merge_restores_base(two_adapters, token_batch):
+    """Deactivating a merged adapter takes it out of the weights too."""
+    base, model = two_adapters
+    rw.set_active(model, ["a", "b"])
+    merged_out = _logits(model, token_batch)
+    rw.merge(model)
+    assert (_logits(model, token_batch) - merged_out).abs().max() <= ATOL
+    rw.set_active(model, None)
+    assert (_logits(model, token_batch) - _logits(base, token_batch)).abs().max() <= ATOL
+    for n, layer in _adapted(model).items():
+        assert layer.merged == []
+        torch.testing.assert_close(layer.base.weight, base.get_submodule(n).weight, atol=1e-5, rtol=0)
+    rw.set_active(model, "a")
+    assert (_logits(model, token_batch) - _logits(_dense_model(base, model, ["a"]), token_batch)).abs().max() <= ATOL
+
+
+def test_merge_by_name(two_adapters, token_batch):
+    base, model = two_adapters
+    rw.set_active(model, ["a", "b"])
+    out = _logits(model, token_batch)
+    rw.merge(model, ["a"])
+    q = _adapted(model)["bert.encoder.layer.0.attention.self.query"]
+    assert q.merged == ["a"]
+    assert (_logits(model, token_batch) - out).abs().max() <= ATOL
+    rows = {(r["module"], r["adapter"]): r["state"] for r in rw.summary(model)}
+    assert rows[("bert.encoder.layer.0.attention.self.query", "a")] == "merged"
+    assert rows[("bert.encoder.layer.0.attention.self.query", "b")] == "active"
+    rw.unmerge(model)
+    assert q.merged == []
+    assert (_logits(model, token_batch) - out).abs().max() <= ATOL
+
+
+# ---- delete, unadapt ------------------------------------------------------------------------------
+def test_delete(two_adapters, token_batch):
+    base, model = two_adapters
+    rw.set_active(model, ["a", "b"])
+    rw.delete(model, "a")
+    assert "a" not in adapter_state(model)
+    assert rw.active_adapters(model) == ["b"]
+    value = model.get_submodule("bert.encoder.layer.0.attention.self.value")
+    assert type(value) is nn.Linear, "a layer left without adapters gets its plain module back"
+    assert set(_adapted(model)) == {f"bert.encoder.layer.{i}.attention.self.{k}" for i in (0, 1)
+                                    for k in ("query", "key")}
+    assert (_logits(model, token_batch) - _logits(_dense_model(base, model), token_batch)).abs().max() <= ATOL
+    rw.merge(model)  # deleting a merged adapter unmerges it first
+    rw.delete(model, "b")
+    assert _adapted(model) == {} and adapter_state(model) == {}
+    out = _logits(model, token_batch)
+    assert (out - _logits(base, token_batch)).abs().max() <= ATOL
+    for n, p in model.state_dict().items():
+        torch.testing.assert_close(p, base.state_dict()[n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unadapt(two_adapters, token_batch, merge):
+    base, model = two_adapters
+    rw.set_active(model, ["a", "b"])
+    adapted_out = _logits(model, token_batch)
+    dense = _dense_model(base, model)
+    plain = rw.unadapt(model, merge=merge)
+    assert plain is model
+    assert _adapted(plain) == {} and adapter_state(plain) == {}
+    assert not any("adapters" in k or "lora" in k for k in plain.state_dict())
+    assert set(plain.state_dict()) == set(base.state_dict())
+    assert type(plain.get_submodule("bert.encoder.layer.0.attention.self.query")) is nn.Linear
+    assert all(p.requires_grad for p in plain.parameters())
+    ref = dense if merge else base
+    for n, p in plain.state_dict().items():
+        torch.testing.assert_close(p, ref.state_dict()[n], atol=1e-6, rtol=0, msg=n)
+    if merge:
+        assert (_logits(plain, token_batch) - adapted_out).abs().max() <= ATOL
+    else:
+        assert torch.equal(_logits(plain, token_batch), _logits(base, token_batch))
+
+
+def test_unadapt_after_merge_without_merge(two_adapters):
+    base, model = two_adapters
+    rw.merge(model)
+    plain = rw.unadapt(model, merge=False)
+    for n, p in plain.state_dict().items():
+        torch.testing.assert_close(p, base.state_dict()[n], atol=1e-5, rtol=0, msg=n)
+
+
+# ---- summary ----------------------------------------------------------------------------------
+def test_summary(two_adapters):
+    _, model = two_adapters
+    rows = rw.summary(model)
+    assert len(rows) == 8  # 2 layers × (query: a, b; value: a; key: b)
+    q = [r for r in rows if r["module"] == "bert.encoder.layer.0.attention.self.query"]
+    assert [(r["adapter"], r["rank"], r["state"]) for r in q] == [("a", 2, "off"), ("b", 3, "active")]
+    for r in rows:
+        assert set(r) == set(rows.columns)
+        assert r["kind"] == "linear" and r["shape"] == "32x32" and r["method"] == "lora"
+        assert r["params"] == r["rank"] * (32 + 32)
+    assert sum(r["params"] for r in rows) == rw.trainable_parameters(model)
+    text = str(rows)
+    assert "module" in text and "8 adapted modules" in text and f"{rw.trainable_parameters(model):,}" in text
+
+
+# ---- targets ------------------------------------------------------------------------------------
+def _targets(model):
+    return sorted(adapter_state(model)["default"]["modules"])
+
+
+def test_all_linear_bert_excludes_classifier(bert):
+    model = rw.adapt(bert(), "lora", rank=2, targets="all-linear")
+    names = _targets(model)
+    assert "classifier" not in names
+    linears = sorted(n for n, m in bert().named_modules() if isinstance(m, nn.Linear) and n != "classifier")
+    assert names == linears and "bert.pooler.dense" in names
+    assert len(names) == 2 * 6 + 1
+
+
+def test_all_linear_gpt2_excludes_lm_head(gpt2):
+    model = rw.adapt(gpt2(), "lora", rank=2)  # "all-linear" is the default
+    names = _targets(model)
+    assert "lm_head" not in names
+    assert names == sorted(f"transformer.h.{i}.{m}" for i in (0, 1)
+                           for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert {layer.view.kind for layer in _adapted(model).values()} == {"hf_conv1d"}
+
+
+def test_all_linear_plain_module_excludes_last_layer():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    rw.adapt(model, "lora", rank=2)
+    assert _targets(model) == ["0", "2"]
+
+
+def test_suffix_targets(bert):
+    model = rw.adapt(bert(), "lora", rank=2, targets=["query", "attention.output.dense"])
+    assert _targets(model) == sorted(f"bert.encoder.layer.{i}.attention.{k}" for i in (0, 1)
+                                     for k in ("self.query", "output.dense"))
+
+
+def test_regex_targets_gpt2(gpt2):
+    model = rw.adapt(gpt2(), "lora", rank=2, targets=r".*attn.*")
+    assert _targets(model) == sorted(f"transformer.h.{i}.attn.{m}" for i in (0, 1) for m in ("c_attn", "c_proj"))
+
+
+@pytest.mark.parametrize("exclude", [["pooler.dense", "layer.1.output.dense"],
+                                     r"bert\.pooler\.dense|.*layer\.1\.output\.dense"])
+def test_exclude(bert, exclude):
+    model = rw.adapt(bert(), "lora", rank=2, targets="all-linear", exclude=exclude)
+    names = _targets(model)
+    assert "bert.pooler.dense" not in names and "bert.encoder.layer.1.output.dense" not in names
+    assert "bert.encoder.layer.0.output.dense" in names and len(names) == 11
+
+
+def test_embedding_target(gpt2, token_batch, perturb, adapter_params_of):
+    base = gpt2()
+    model = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["wte"])
+    assert _adapted(model)["transformer.wte"].view.kind == "embedding"
+    assert torch.equal(_logits(model, token_batch), _logits(base, token_batch))
+    perturb(adapter_params_of(model), seed=4)
+    out = _logits(model, token_batch)
+    assert not torch.allclose(out, _logits(base, token_batch))
+    assert model.lm_head.weight is model.transformer.wte.base.weight  # the tie survives wrapping
+
+
+# ---- modules_to_save, trainable_parameters --------------------------------------------------------
+def test_modules_to_save_trains_and_saves_head(bert, token_batch, tmp_path):
+    base = bert()
+    model = copy.deepcopy(base)
+    rw.adapt(model, "lora", rank=2, targets=["query", "value"], modules_to_save=["classifier"], seed=0)
+    lora = 4 * 2 * (32 + 32)
+    head = 3 * 32 + 3
+    assert rw.trainable_parameters(model) == lora + head
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert all("lora_" in n or n.startswith("classifier.") for n in trainable)
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    labels = torch.tensor([0, 2])
+    model.train()
+    for _ in range(3):
+        loss = model(**token_batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert not torch.equal(model.classifier.weight, base.classifier.weight), "the head trains"
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    for n, p in frozen.items():
+        assert torch.equal(p, base.get_parameter(n.replace(".base.", "."))), f"{n} changed"
+
+    rw.save(model, tmp_path / "ad")
+    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad")
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert torch.equal(_logits(fresh, token_batch), _logits(model, token_batch))
+    assert fresh.classifier.weight.requires_grad
+    assert rw.trainable_parameters(fresh) == lora + head
+
+
+def test_second_adapter_keeps_first_heads_trainable(bert):
+    model = rw.adapt(bert(), "lora", rank=2, targets=["query"], modules_to_save=["classifier"], name="a")
+    rw.adapt(model, "lora", rank=2, targets=["value"], name="b")
+    assert model.classifier.weight.requires_grad
+    assert all(p.requires_grad for p in model.get_submodule(
+        "bert.encoder.layer.0.attention.self.query").adapters["a"].parameters())
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+
+
+def test_trainable_parameters_counts_shared_once():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, lin)
+    assert rw.trainable_parameters(model) == 20
+    rw.adapt(model, "lora", rank=2, targets=["0"])
+    assert rw.trainable_parameters(model) == 2 * (4 + 4)
+
+
+def test_save_load_several_adapters(two_adapters, bert, token_batch, tmp_path):
+    base, model = two_adapters
+    rw.set_active(model, ["a", "b"])
+    rw.save(model, tmp_path / "ad")
+    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad")
+    assert sorted(adapter_state(fresh)) == ["a", "b"]
+    assert rw.active_adapters(fresh) == ["a", "b"]
+    assert torch.equal(_logits(fresh, token_batch), _logits(model, token_batch))
+    only_b = rw.load(copy.deepcopy(base), tmp_path / "ad", names="b")
+    rw.set_active(model, "b")
+    assert torch.equal(_logits(only_b, token_batch), _logits(model, token_batch))
+    # the saved config is the user's, not the internal exact-match regex
+    assert adapter_state(fresh)["a"]["config"].targets == ["query", "value"]
+
+
+# ---- atomic writes -------------------------------------------------------------------------------
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_save_over_existing_dir_replaces_it(bert, tmp_path, token_batch, perturb, adapter_params_of):
+    base = bert()
+    m1 = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["query"], name="first")
+    m2 = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["value"], name="second")
+    perturb(adapter_params_of(m2), seed=3)
+    out = tmp_path / "ad"
+    rw.save(m1, out)
+    (out / "stale.txt").write_text("from an older save")
+    rw.save(m2, out)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = rw.load(copy.deepcopy(base), out)
+    assert list(adapter_state(fresh)) == ["second"]
+    assert torch.equal(_logits(fresh, token_batch), _logits(m2, token_batch))
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["safetensors", "json"])
+@pytest.mark.parametrize("writer", ["save", "export_peft"])
+def test_failed_save_leaves_old_dir_intact(bert, tmp_path, monkeypatch, where, writer):
+    import safetensors.torch
+
+    import rankwise.io.atomic as atomic
+
+    base = bert()
+    m1 = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["query"])
+    m2 = rw.adapt(copy.deepcopy(base), "lora", rank=4, targets=["value"])
+    write = getattr(rw, writer)
+    out = tmp_path / "ad"
+    write(m1, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    if where == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    else:
+        monkeypatch.setattr(atomic.json, "dumps", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write(m2, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    if writer == "save":
+        fresh = rw.load(copy.deepcopy(base), out)
+        assert _targets(fresh) == _targets(m1)
+
+
+def test_failed_first_save_leaves_nothing(bert, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = rw.adapt(bert(), "lora", rank=2, targets=["query"])
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError):
+        rw.save(model, tmp_path / "ad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_inactive_adapter_by_name_activates_it(two_adapters, token_batch):
+    base, model = two_adapters
+    assert rw.active_adapters(model) == ["b"]
+    rw.merge(model, "a")
+    assert sorted(rw.active_adapters(model)) == ["a", "b"]
+    expect = _logits(_dense_model(base, model, ["a", "b"]), token_batch)
+    assert (_logits(model, token_batch) - expect).abs().max() <= ATOL
+    rw.set_active(model, "b")  # deactivating "a" takes it out of the weights again
+    expect = _logits(_dense_model(base, model, ["b"]), token_batch)
+    assert (_logits(model, token_batch) - expect).abs().max() <= ATOL
+
+
+def test_merge_refuses_tied_weights(gpt2, token_batch, perturb, adapter_params_of):
+    """GPT-2 ties lm_head to wte: merging an adapter on wte would change lm_head as well."""
+    model = rw.adapt(gpt2(), "lora", rank=2, targets=["wte", "c_attn"])
+    perturb(adapter_params_of(model), seed=2)
+    out = _logits(model, token_batch)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: rw.merge(model), lambda: rw.unadapt(model, merge=True)):
+        with pytest.raises(rw.errors.ConfigError) as e:
+            call()
+        assert "'transformer.wte'" in str(e.value) and "lm_head" in str(e.value) and "(100, 32)" in str(e.value)
+        assert all(layer.merged == [] for layer in _adapted(model).values())
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+        assert torch.equal(_logits(model, token_batch), out)
+
+
+def test_merge_embedding_untied(bert, token_batch, perturb, adapter_params_of):
+    base = bert()
+    model = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["word_embeddings", "query"])
+    perturb(adapter_params_of(model), seed=2)
+    out = _logits(model, token_batch)
+    rw.merge(model)
+    assert (_logits(model, token_batch) - out).abs().max() <= ATOL
+    plain = rw.unadapt(model, merge=True)
+    assert (_logits(plain, token_batch) - out).abs().max() <= ATOL
+
+
+def test_config_object_with_overrides(bert):
+    model = rw.adapt(bert(), rw.LoraConfig(rank=4, alpha=8.0, targets=["query"]), rank=2, name="x")
+    cfg = adapter_state(model)["x"]["config"]
+    assert (cfg.rank, cfg.alpha, cfg.targets) == (2, 8.0, ["query"])
+    assert _adapted(model)["bert.encoder.layer.0.attention.self.query"].adapters["x"].lora_A.shape == (2, 32)
+
+
+@pytest.mark.xfail(strict=True, reason="LoRA bug (lora.py, LoraConfig.__post_init__): the default alpha=None is "
+                   "replaced by float(rank) at construction, so overriding rank later keeps the old alpha")
+def test_config_override_keeps_default_alpha(bert):
+    model = rw.adapt(bert(), rw.LoraConfig(rank=4, targets=["query"]), rank=8)
+    cfg = adapter_state(model)["default"]["config"]
+    assert cfg.rank == 8 and cfg.scale == 1.0  # the default alpha is the rank: s = 1
+
+
+@pytest.mark.xfail(strict=True, reason="atomic.py bug: mkdtemp/mkstemp create 0700 dirs and 0600 files, and "
+                   "the rename keeps those modes, so saved adapters ignore the umask")
+def test_saved_files_follow_umask(bert, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        rw.save(rw.adapt(bert(), "lora", rank=2, targets=["query"]), tmp_path / "ad")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ad").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ad" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644

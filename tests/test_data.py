@@ -1,0 +1,133 @@
+"""rankwise.data: the stdlib docstring task, stratified splits, CSV/JSONL tables."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from rankwise.data import DEFAULT_FAMILIES, TextDataset, read_table, stdlib_docstrings
+from rankwise.errors import ConfigError, CorruptFileError
+
+
+@pytest.fixture(scope="module")
+def stdlib():
+    return stdlib_docstrings()
+
+
+def test_default_task_has_enough_families_and_examples(stdlib):
+    counts = stdlib.counts()
+    assert stdlib.label_names == sorted(stdlib.label_names)
+    assert len(counts) >= 8
+    assert all(n >= 100 for n in counts.values()), counts
+    assert set(counts) <= set(DEFAULT_FAMILIES)
+    assert all(isinstance(t, str) and 40 <= len(t) <= 2000 for t in stdlib.texts)
+    assert len(set(stdlib.texts)) == len(stdlib)  # no repeats, so no leakage across a split
+    text, label = stdlib[0]
+    assert text == stdlib.texts[0] and label == stdlib.labels[0]
+
+
+def test_stdlib_is_deterministic(stdlib):
+    again = stdlib_docstrings()
+    assert again.texts == stdlib.texts and again.labels == stdlib.labels and again.label_names == stdlib.label_names
+
+
+def test_max_per_family_is_a_deterministic_balanced_subset(stdlib):
+    small = stdlib_docstrings(max_per_family=50)
+    assert small.label_names == stdlib.label_names
+    assert set(small.counts().values()) == {50}
+    assert small.texts == stdlib_docstrings(max_per_family=50).texts
+    assert set(small.texts) <= set(stdlib.texts)
+    # a subset of a larger cap's subset: the choice is by a stable hash, not by position
+    assert set(small.texts) <= set(stdlib_docstrings(max_per_family=100).texts)
+
+
+def test_explicit_families():
+    ds = stdlib_docstrings(families=["json", "logging"])
+    assert ds.label_names == ["json", "logging"]
+    ds = stdlib_docstrings(families={"web": ["http", "urllib"]}, max_per_family=20)
+    assert ds.label_names == ["web"] and len(ds) == 20
+    with pytest.raises(ConfigError, match="no_such_module"):
+        stdlib_docstrings(families=["json", "no_such_module"])
+    with pytest.raises(ConfigError, match="max_per_family"):
+        stdlib_docstrings(max_per_family=0)
+
+
+def test_split_is_disjoint_covering_deterministic_stratified(stdlib):
+    train, valid = stdlib.split(valid_frac=0.25, seed=0)
+    pairs = list(zip(stdlib.texts, stdlib.labels))
+    tr, va = list(zip(train.texts, train.labels)), list(zip(valid.texts, valid.labels))
+    assert len(tr) + len(va) == len(pairs)
+    assert not set(tr) & set(va)
+    assert sorted(tr + va) == sorted(pairs)
+    assert train.label_names == valid.label_names == stdlib.label_names
+    again = stdlib.split(valid_frac=0.25, seed=0)
+    assert again[0].texts == train.texts and again[1].texts == valid.texts
+    assert stdlib.split(valid_frac=0.25, seed=1)[1].texts != valid.texts
+    total, held = Counter(stdlib.labels), Counter(valid.labels)
+    for lab, n in total.items():
+        assert abs(held[lab] - 0.25 * n) <= 1, (lab, held[lab], n)
+
+
+def test_split_small_and_bad_fraction():
+    ds = TextDataset(["a", "b", "c", "d", "e"], [0, 0, 1, 1, 1], ["x", "y"])
+    train, valid = ds.split(valid_frac=0.1)
+    assert sorted(valid.labels) == [0, 1]  # at least one per label in valid ...
+    assert sorted(train.labels) == [0, 1, 1]  # ... and at least one left for train
+    for bad in (0, 1, 1.5, -0.2):
+        with pytest.raises(ConfigError, match="valid_frac"):
+            ds.split(valid_frac=bad)
+
+
+def test_read_csv_with_string_labels(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('sentence,tag\n"hello, world",pos\nbad day,neg\nfine,pos\n')
+    ds = read_table(path, text_col="sentence", label_col="tag")
+    assert ds.texts == ["hello, world", "bad day", "fine"]
+    assert ds.label_names == ["neg", "pos"]
+    assert ds.labels == [1, 0, 1]
+
+
+def test_read_csv_with_int_labels(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\na,2\nb,0\n")
+    ds = read_table(path)
+    assert ds.labels == [2, 0] and ds.label_names == ["0", "1", "2"]
+
+
+def test_read_jsonl(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": "one", "label": "b"}, {"text": "two", "label": "a"}, {"text": "three", "label": "b"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = read_table(path)
+    assert ds.texts == ["one", "two", "three"]
+    assert ds.label_names == ["a", "b"] and ds.labels == [1, 0, 1]
+    path.write_text("\n".join(json.dumps({"text": r["text"], "label": i}) for i, r in enumerate(rows)))
+    assert read_table(path).labels == [0, 1, 2]
+
+
+def test_read_table_errors(tmp_path):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("sentence,tag\nhi,pos\n")
+    with pytest.raises(ConfigError) as e:
+        read_table(csv_path)
+    assert "'text'" in str(e.value) and "'sentence'" in str(e.value) and "'tag'" in str(e.value)
+
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"text": "hi", "y": 1}) + "\n")
+    with pytest.raises(ConfigError, match="'label'.*'text', 'y'"):
+        read_table(jsonl)
+    jsonl.write_text("{not json\n")
+    with pytest.raises(CorruptFileError, match="line 1"):
+        read_table(jsonl)
+
+    for name, content in (("empty.csv", ""), ("header.csv", "text,label\n"), ("empty.jsonl", "\n")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ConfigError, match="empty|no data rows|no JSON lines"):
+            read_table(tmp_path / name)
+
+    other = tmp_path / "d.parquet"
+    other.write_text("")
+    with pytest.raises(ConfigError, match=r"'\.parquet'.*\.csv.*\.jsonl"):
+        read_table(other)
