@@ -428,8 +428,6 @@ def test_config_override_keeps_default_alpha(bert):
     assert cfg.rank == 8 and cfg.scale == 1.0  # the default alpha is the rank: s = 1
 
 
-@pytest.mark.xfail(strict=True, reason="atomic.py bug: mkdtemp/mkstemp create 0700 dirs and 0600 files, and "
-                   "the rename keeps those modes, so saved adapters ignore the umask")
 def test_saved_files_follow_umask(bert, tmp_path):
     import os
 

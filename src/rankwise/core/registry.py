@@ -29,6 +29,12 @@ def register(name: str):
         for attr in ("Config", "kinds", "forward", "delta_weight", "num_params"):
             if not hasattr(cls, attr):
                 raise TypeError(f"method class {cls.__name__} registered as '{name}' lacks '{attr}'")
+        owner = getattr(cls.Config, "method", "")
+        if owner and owner != name and owner in _REGISTRY:
+            raise TypeError(
+                f"method '{name}' reuses the Config class of method '{owner}'; give each method its own "
+                "Config subclass (e.g. class MyConfig(LoraConfig): pass)."
+            )
         cls.name = name
         cls.Config.method = name
         _REGISTRY[name] = cls
