@@ -25,11 +25,12 @@ def run_demo(args) -> list[dict]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     model_path = args.model or minilm_path()
+    model_name = args.model or "all-MiniLM-L6-v2"
     data = stdlib_docstrings(max_per_family=args.per_family)
     train_ds, valid_ds = data.split(valid_frac=0.25, seed=args.seed)
     names = [FULL] + methods() if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"rankwise demo: {len(data.label_names)}-way classification of stdlib docstrings "
-          f"({len(train_ds)} train / {len(valid_ds)} valid), model {Path(str(model_path)).name}, "
+          f"({len(train_ds)} train / {len(valid_ds)} valid), model {model_name}, "
           f"{args.steps} steps × batch {args.batch_size}, methods: {', '.join(names)}")
 
     _, tok = load_sequence_classifier(model_path, num_labels=len(data.label_names), seed=args.seed)

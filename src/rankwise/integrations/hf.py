@@ -37,6 +37,7 @@ def load_sequence_classifier(path_or_id: str | os.PathLike, num_labels: int, see
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     path = str(path_or_id)
     local = Path(path).is_dir()
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
