@@ -4,14 +4,15 @@ modules_to_save, trainable_parameters, and atomic writes."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 from torch import nn
 
 import rankwise as rw
-from rankwise.core.adapted import AdaptedLayer
-from rankwise.core.api import adapter_state
+from rankwise.core.adapted import AdaptedLayer, TrainedCopies
+from rankwise.core.api import adapter_state, saved_module
 
 ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -255,8 +256,9 @@ def test_modules_to_save_trains_and_saves_head(bert, token_batch, tmp_path):
     head = 3 * 32 + 3
     assert rw.trainable_parameters(model) == lora + head
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"classifier.weight", "classifier.bias"} <= trainable
-    assert all("lora_" in n or n.startswith("classifier.") for n in trainable)
+    assert {"classifier.copies.default.weight", "classifier.copies.default.bias"} <= trainable
+    assert all("lora_" in n or n.startswith("classifier.copies.default.") for n in trainable)
+    assert isinstance(model.classifier, TrainedCopies) and model.classifier.active == "default"
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     labels = torch.tensor([0, 2])
@@ -267,26 +269,268 @@ def test_modules_to_save_trains_and_saves_head(bert, token_batch, tmp_path):
         loss.backward()
         opt.step()
     model.eval()
-    assert not torch.equal(model.classifier.weight, base.classifier.weight), "the head trains"
+    head_copy = saved_module(model, "classifier", "default")
+    assert not torch.equal(head_copy.weight, base.classifier.weight), "the head trains"
+    assert not torch.equal(head_copy.bias, base.classifier.bias), "the head trains"
     frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    for n, p in frozen.items():
-        assert torch.equal(p, base.get_parameter(n.replace(".base.", "."))), f"{n} changed"
+    assert {"classifier.original.weight", "classifier.original.bias"} <= set(frozen)
+    for n, p in frozen.items():  # the original head among them: unchanged
+        assert torch.equal(p, base.get_parameter(re.sub(r"\.(?:base|original)\.", ".", n))), f"{n} changed"
 
     rw.save(model, tmp_path / "ad")
     fresh = rw.load(copy.deepcopy(base), tmp_path / "ad")
-    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    fresh_copy = saved_module(fresh, "classifier", "default")
+    assert torch.equal(fresh_copy.weight, head_copy.weight) and torch.equal(fresh_copy.bias, head_copy.bias)
+    assert torch.equal(fresh.classifier.original.weight, base.classifier.weight)
     assert torch.equal(_logits(fresh, token_batch), _logits(model, token_batch))
-    assert fresh.classifier.weight.requires_grad
+    assert fresh_copy.weight.requires_grad and not fresh.classifier.original.weight.requires_grad
     assert rw.trainable_parameters(fresh) == lora + head
 
 
 def test_second_adapter_keeps_first_heads_trainable(bert):
     model = rw.adapt(bert(), "lora", rank=2, targets=["query"], modules_to_save=["classifier"], name="a")
     rw.adapt(model, "lora", rank=2, targets=["value"], name="b")
-    assert model.classifier.weight.requires_grad
+    assert saved_module(model, "classifier", "a").weight.requires_grad
+    assert not model.classifier.original.weight.requires_grad
+    assert list(model.classifier.copies) == ["a"]  # "b" trains no head of its own
     assert all(p.requires_grad for p in model.get_submodule(
         "bert.encoder.layer.0.attention.self.query").adapters["a"].parameters())
     assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+
+
+# ---- modules_to_save: one trained copy of the head per adapter --------------------------------------
+@pytest.fixture
+def two_heads(bert, perturb, adapter_params_of):
+    """(base, model): adapters 'a' (query/value) and 'b' (query/key), each with its own classifier
+    copy; adapters and both copies perturbed, so every adapter and head changes the output."""
+    base = bert()
+    model = copy.deepcopy(base)
+    rw.adapt(model, "lora", rank=2, targets=["query", "value"], modules_to_save=["classifier"], name="a", seed=0)
+    rw.adapt(model, "lora", rank=3, targets=["query", "key"], modules_to_save=["classifier"], name="b", seed=1)
+    perturb(adapter_params_of(model, "a"), seed=1)
+    perturb(adapter_params_of(model, "b"), seed=2)
+    perturb(saved_module(model, "classifier", "a").parameters(), seed=3)
+    perturb(saved_module(model, "classifier", "b").parameters(), seed=4)
+    return base, model
+
+
+def _reference(base, model, names, head):
+    """``_dense_model`` of ``names`` with the classifier replaced by a copy of ``head`` (None: base's)."""
+    ref = _dense_model(base, model, names)
+    if head is not None:
+        ref.classifier = copy.deepcopy(saved_module(model, "classifier", head))
+    return ref
+
+
+def _clone_state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same_state(module, state) -> bool:
+    own = module.state_dict()
+    return own.keys() == state.keys() and all(torch.equal(own[k], state[k]) for k in own)
+
+
+def test_each_adapter_trains_its_own_head(bert, token_batch, adapter_params_of):
+    base = bert()
+    model = copy.deepcopy(base)
+    rw.adapt(model, "lora", rank=2, targets=["query", "value"], modules_to_save=["classifier"], name="a", seed=0)
+    rw.adapt(model, "lora", rank=2, targets=["query", "key"], modules_to_save=["classifier"], name="b", seed=1)
+    assert isinstance(model.classifier, TrainedCopies) and list(model.classifier.copies) == ["a", "b"]
+    head_a, head_b = saved_module(model, "classifier", "a"), saved_module(model, "classifier", "b")
+    assert head_a is not head_b and head_a.weight is not head_b.weight
+    assert _same_state(head_a, _clone_state(base.classifier)) and _same_state(head_b, _clone_state(base.classifier))
+    lora, head = 2 * 2 * 2 * (32 + 32), 3 * 32 + 3
+    assert rw.trainable_parameters(model) == lora + lora + head + head
+    original = _clone_state(base.classifier)
+    labels = torch.tensor([0, 2])
+
+    def train(name, steps=3):
+        rw.set_active(model, name)
+        assert model.classifier.current() is saved_module(model, "classifier", name)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model.train()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model(**token_batch, labels=labels).loss.backward()
+            opt.step()
+        model.eval()
+
+    for trained, other in (("a", "b"), ("b", "a")):
+        other_head = _clone_state(saved_module(model, "classifier", other))
+        other_lora = [p.detach().clone() for p in adapter_params_of(model, other)]
+        trained_head = _clone_state(saved_module(model, "classifier", trained))
+        train(trained)
+        assert not _same_state(saved_module(model, "classifier", trained), trained_head), f"{trained}'s head trains"
+        assert _same_state(saved_module(model, "classifier", other), other_head), f"{other}'s head must not change"
+        assert all(p.grad is None for p in saved_module(model, "classifier", other).parameters())
+        assert all(torch.equal(p, q) for p, q in zip(adapter_params_of(model, other), other_lora))
+        assert _same_state(model.classifier.original, original), "the original head stays frozen"
+        assert all(not p.requires_grad for p in model.classifier.original.parameters())
+    # each adapter runs with its own head
+    for name in ("a", "b"):
+        rw.set_active(model, name)
+        ref = _logits(_reference(base, model, [name], name), token_batch)
+        assert (_logits(model, token_batch) - ref).abs().max() <= ATOL, name
+
+
+def test_set_active_none_gives_base_output_with_heads(two_heads, token_batch, perturb, adapter_params_of):
+    base, model = two_heads
+    rw.adapt(model, "lora", rank=2, targets=["value"], name="c", seed=2)  # no head of its own
+    perturb(adapter_params_of(model, "c"), seed=5)
+    ref = _logits(base, token_batch)
+    rw.set_active(model, None)
+    assert model.classifier.current() is model.classifier.original
+    assert torch.equal(_logits(model, token_batch), ref), "no active adapter must give the base output exactly"
+    # which head runs: the first active adapter that has one, else the original
+    for names, head in (("a", "a"), ("b", "b"), (["a", "b"], "a"), (["b", "a"], "b"), ("c", None),
+                        (["c", "b"], "b"), (["c", "a", "b"], "a")):
+        rw.set_active(model, names)
+        assert model.classifier.active == head, names
+        expect = _logits(_reference(base, model, None, head), token_batch)
+        got = _logits(model, token_batch)
+        assert (got - expect).abs().max() <= ATOL, names
+        assert (got - ref).abs().max() > 1e-3, names
+    rw.set_active(model, None)
+    assert torch.equal(_logits(model, token_batch), ref)
+
+
+def test_merge_by_name_activates_its_head(two_heads, token_batch):
+    base, model = two_heads
+    rw.adapt(model, "lora", rank=2, targets=["value"], name="c", seed=2)  # active, no head
+    assert model.classifier.active is None
+    rw.merge(model, "a")  # "a" becomes active (after "c"): its head runs
+    assert sorted(rw.active_adapters(model)) == ["a", "c"] and model.classifier.active == "a"
+    expect = _logits(_reference(base, model, ["c", "a"], "a"), token_batch)
+    assert (_logits(model, token_batch) - expect).abs().max() <= ATOL
+    rw.merge(model, "b")  # "a" came first and keeps the head
+    assert model.classifier.active == "a"
+    rw.set_active(model, "c")
+    assert model.classifier.active is None
+
+
+def test_delete_restores_original_head(two_heads, token_batch):
+    base, model = two_heads
+    original = model.classifier.original
+    rw.set_active(model, ["a", "b"])
+    rw.delete(model, "a")
+    assert isinstance(model.classifier, TrainedCopies) and list(model.classifier.copies) == ["b"]
+    assert rw.active_adapters(model) == ["b"]
+    assert model.classifier.active == "b", "the remaining active adapter's head takes over"
+    expect = _logits(_reference(base, model, ["b"], "b"), token_batch)
+    assert (_logits(model, token_batch) - expect).abs().max() <= ATOL
+    rw.delete(model, "b")
+    assert model.classifier is original and type(model.classifier) is nn.Linear
+    assert _adapted(model) == {} and adapter_state(model) == {}
+    assert not any(isinstance(m, TrainedCopies) for m in model.modules())
+    assert set(model.state_dict()) == set(base.state_dict())
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, base.state_dict()[n]), n
+    assert torch.equal(_logits(model, token_batch), _logits(base, token_batch))
+
+
+def test_delete_inactive_adapter_keeps_active_head(two_heads, token_batch):
+    base, model = two_heads
+    rw.set_active(model, "b")
+    out = _logits(model, token_batch)
+    rw.delete(model, "a")
+    assert model.classifier.active == "b"
+    assert torch.equal(_logits(model, token_batch), out)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unadapt_with_heads(two_heads, token_batch, merge):
+    base, model = two_heads
+    rw.set_active(model, ["b", "a"])  # b's head runs
+    out = _logits(model, token_batch)
+    head_b = saved_module(model, "classifier", "b")
+    trained = _clone_state(head_b)
+    dense = _dense_model(base, model)
+    plain = rw.unadapt(model, merge=merge)
+    assert type(plain.classifier) is nn.Linear
+    assert not any(isinstance(m, (AdaptedLayer, TrainedCopies)) for m in plain.modules())
+    assert set(plain.state_dict()) == set(base.state_dict())
+    assert all(p.requires_grad for p in plain.parameters())
+    if merge:
+        assert plain.classifier is head_b and _same_state(plain.classifier, trained)
+        assert (_logits(plain, token_batch) - out).abs().max() <= ATOL
+        for n, p in plain.state_dict().items():
+            if not n.startswith("classifier."):
+                torch.testing.assert_close(p, dense.state_dict()[n], atol=1e-6, rtol=0, msg=n)
+    else:
+        for n, p in plain.state_dict().items():
+            assert torch.equal(p, base.state_dict()[n]), n
+        assert torch.equal(_logits(plain, token_batch), _logits(base, token_batch))
+
+
+def test_unadapt_merge_without_active_head_keeps_original(two_heads, token_batch):
+    base, model = two_heads
+    rw.set_active(model, None)
+    plain = rw.unadapt(model, merge=True)
+    assert type(plain.classifier) is nn.Linear
+    assert _same_state(plain.classifier, _clone_state(base.classifier))
+
+
+def test_save_load_two_adapters_with_heads(two_heads, token_batch, tmp_path):
+    base, model = two_heads
+    rw.save(model, tmp_path / "ad")
+    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad")
+    assert sorted(adapter_state(fresh)) == ["a", "b"]
+    assert isinstance(fresh.classifier, TrainedCopies) and list(fresh.classifier.copies) == ["a", "b"]
+    for name in ("a", "b"):
+        assert _same_state(saved_module(fresh, "classifier", name),
+                           _clone_state(saved_module(model, "classifier", name))), name
+        assert all(p.requires_grad for p in saved_module(fresh, "classifier", name).parameters())
+    assert _same_state(fresh.classifier.original, _clone_state(base.classifier))
+    assert not any(p.requires_grad for p in fresh.classifier.original.parameters())
+    assert rw.trainable_parameters(fresh) == rw.trainable_parameters(model)
+    outs = {}
+    for names in ("a", "b", ["a", "b"], ["b", "a"], None):
+        rw.set_active(model, names)
+        rw.set_active(fresh, names)
+        assert fresh.classifier.active == model.classifier.active
+        outs[str(names)] = _logits(model, token_batch)
+        assert torch.equal(_logits(fresh, token_batch), outs[str(names)]), names
+    assert not torch.allclose(outs["a"], outs["b"], atol=1e-3)
+    only_b = rw.load(copy.deepcopy(base), tmp_path / "ad", names="b")
+    assert list(only_b.classifier.copies) == ["b"]
+    assert torch.equal(_logits(only_b, token_batch), outs["b"])
+    # loading onto a model that already has an adapter with a head adds a copy beside it
+    rw.delete(fresh, "b")
+    rw.load(fresh, tmp_path / "ad", names="b")
+    assert list(fresh.classifier.copies) == ["a", "b"]
+    assert torch.equal(_logits(fresh, token_batch), outs["b"])
+    rw.set_active(fresh, "a")
+    assert torch.equal(_logits(fresh, token_batch), outs["a"])
+
+
+def test_all_linear_skips_modules_in_trained_copies(bert):
+    model = rw.adapt(bert(), "lora", rank=2, targets=["query"], modules_to_save=["classifier", "pooler"], name="a")
+    assert isinstance(model.bert.pooler, TrainedCopies)
+    rw.adapt(model, "lora", rank=2, targets="all-linear", name="b")
+    names = sorted(adapter_state(model)["b"]["modules"])
+    assert names == sorted(n for n, m in bert().named_modules() if isinstance(m, nn.Linear)
+                           and n not in ("classifier", "bert.pooler.dense"))
+    for n, _ in model.named_modules():
+        if ".original" in n or ".copies" in n:
+            assert not isinstance(model.get_submodule(n), AdaptedLayer), n
+    assert not any(".original." in n or ".copies." in n for n in _adapted(model))
+    # the copies hold plain layers, and adapter b trains no head
+    assert type(saved_module(model, "bert.pooler", "a").dense) is nn.Linear
+    assert list(model.bert.pooler.copies) == ["a"] and list(model.classifier.copies) == ["a"]
+    # a regex or suffix target does not reach inside either
+    with pytest.raises(rw.errors.TargetError):
+        rw.adapt(model, "lora", rank=2, targets=r".*pooler\..*", name="c")
+    assert "c" not in adapter_state(model)
+
+
+def test_all_linear_plain_module_still_excludes_saved_last_layer():
+    """all-linear leaves out a plain model's last layer whether or not another adapter trains it."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    rw.adapt(model, "lora", rank=2, targets=["0"], modules_to_save=["4"], name="a")
+    rw.adapt(model, "lora", rank=2, name="b")
+    assert sorted(adapter_state(model)["b"]["modules"]) == ["0", "2"]
+    assert isinstance(model[4], TrainedCopies) and list(model[4].copies) == ["a"]
 
 
 def test_trainable_parameters_counts_shared_once():

@@ -14,7 +14,7 @@ from torch import nn
 
 import rankwise as rw
 from rankwise.core import registry
-from rankwise.core.adapted import AdaptedLayer
+from rankwise.core.adapted import AdaptedLayer, TrainedCopies
 from rankwise.core.api import adapter_state
 from rankwise.errors import (
     AdapterExistsError,
@@ -39,6 +39,7 @@ def _fingerprint(model):
         [(n, p.requires_grad) for n, p in model.named_parameters()],
         {k: (list(v["modules"]), list(v["modules_to_save"])) for k, v in adapter_state(model).items()},
         [(n, list(m.active), list(m.merged)) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)],
+        [(n, m.active, list(m.copies)) for n, m in model.named_modules() if isinstance(m, TrainedCopies)],
     )
 
 
@@ -148,6 +149,24 @@ def test_method_without_a_kind(monkeypatch):
     assert "'linear-only-test'" in msg and "'0'" in msg and "Embedding" in msg and "(10, 4)" in msg
     assert isinstance(model[0], nn.Embedding) and isinstance(model[1], nn.Linear)
     assert LoraConfig.method == "lora"
+    assert LinearOnlyConfig.method == "linear-only-test"
+
+
+def test_method_reusing_another_methods_config_is_refused(monkeypatch):
+    """Two methods sharing one Config class would both claim it (Config.method): refused, and
+    the other method's Config keeps its name."""
+    from rankwise.methods.lora import Lora, LoraConfig
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    with pytest.raises(TypeError, match="reuses the Config class of method 'lora'"):
+
+        @registry.register("shares-lora-config")
+        class Shares(Lora):
+            Config = LoraConfig
+            kinds = ("linear",)
+
+    assert "shares-lora-config" not in registry._REGISTRY
+    assert LoraConfig.method == "lora" and rw.get_method("lora") is Lora
 
 
 # ---- config values ----------------------------------------------------------------------------------
@@ -277,15 +296,18 @@ def test_load_with_other_head_shape_leaves_model_unchanged(saved):
     assert_unchanged(other, before)
 
 
-def test_load_with_mismatching_config_rolls_back(saved, bert):
+@pytest.mark.parametrize("own_head", [False, True])
+def test_load_with_mismatching_config_rolls_back(saved, bert, own_head):
     """The failure is found only after the adapters are built: everything is undone,
-    including trainable flags and the active/merged state of adapters already there."""
+    including trainable flags and the active/merged state of adapters already there
+    (and, with ``own_head``, the classifier copy the model's adapter already trains)."""
     cfg_file = saved / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["adapters"]["default"]["config"]["rank"] = 2  # tensors in the file have rank 4
     cfg_file.write_text(json.dumps(cfg))
 
-    model = rw.adapt(bert(), "lora", rank=2, targets=["value"], name="other", seed=1)
+    model = rw.adapt(bert(), "lora", rank=2, targets=["value"], name="other", seed=1,
+                     modules_to_save=["classifier"] if own_head else [])
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -296,6 +318,10 @@ def test_load_with_mismatching_config_rolls_back(saved, bert):
         rw.load(model, saved)
     assert "lora_A" in str(e.value) and "(4, 32)" in str(e.value) and "(2, 32)" in str(e.value)
     assert_unchanged(model, before)
+    if own_head:
+        assert list(model.classifier.copies) == ["other"] and model.classifier.active == "other"
+    else:
+        assert type(model.classifier) is nn.Linear
 
 
 def test_load_twice_same_name(saved, bert):

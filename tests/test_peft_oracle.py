@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rankwise as rw
+from rankwise.core.api import saved_module
 
 peft = pytest.importorskip("peft")
 pytestmark = [
@@ -117,7 +118,13 @@ def test_import_from_peft_same_logits(case, rslora, request, tmp_path, token_bat
     # trainable: the adapters plus the saved head, nothing else
     expected = sum(a.numel() + b.numel() for a, b in _rw_lora_params(model).values())
     if save:
-        expected += sum(p.numel() for p in model.get_submodule(save[0]).parameters())
+        expected += sum(p.numel() for p in saved_module(model, save[0], "default").parameters())
+        # the head PEFT trained is rankwise's copy; the original stays the base model's
+        torch.testing.assert_close(saved_module(model, save[0], "default").state_dict(),
+                                   pmodel.base_model.model.get_submodule(save[0]).modules_to_save["default"].state_dict(),
+                                   atol=0, rtol=0)
+        for k, v in model.get_submodule(save[0]).original.state_dict().items():
+            assert torch.equal(v, base.get_submodule(save[0]).state_dict()[k]), k
     assert rw.trainable_parameters(model) == expected
 
     # round trip back out: rankwise → PEFT gives PEFT's logits again
@@ -126,6 +133,42 @@ def test_import_from_peft_same_logits(case, rslora, request, tmp_path, token_bat
         warnings.simplefilter("ignore")
         p2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
     assert (_logits(p2, token_batch) - theirs).abs().max() <= ATOL
+
+
+def test_peft_with_two_heads(bert, tmp_path, token_batch, perturb):
+    """Two adapters each with a classifier copy: each exports with its own head and gives PEFT's
+    logits; a PEFT adapter with a head imports beside them as a third copy."""
+    base = bert(seed=0)
+    model = copy.deepcopy(base)
+    for i, name in enumerate(("a", "b")):
+        rw.adapt(model, "lora", rank=4, alpha=6.0, targets=["query", "value"], modules_to_save=["classifier"],
+                 name=name, seed=i)
+        perturb([p for n, p in model.named_parameters() if f".{name}." in n], seed=10 + i)
+    outs = {}
+    for name in ("a", "b"):
+        rw.set_active(model, name)
+        outs[name] = _logits(model, token_batch)
+        rw.export_peft(model, tmp_path / name, name=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pmodel = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval()
+        assert (_logits(pmodel, token_batch) - outs[name]).abs().max() <= ATOL, name
+    assert not torch.allclose(outs["a"], outs["b"], atol=1e-3)
+
+    pmodel = _peft_model(base, ["query", "value"], ["classifier"], rslora=False)
+    _randomize_peft(pmodel, seed=7)
+    theirs = _logits(pmodel, token_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pmodel.save_pretrained(tmp_path / "peft")
+    rw.import_peft(model, tmp_path / "peft", name="p")
+    assert list(model.classifier.copies) == ["a", "b", "p"]
+    assert (_logits(model, token_batch) - theirs).abs().max() <= ATOL
+    for name in ("a", "b"):
+        rw.set_active(model, name)
+        assert torch.equal(_logits(model, token_batch), outs[name]), name
+    rw.set_active(model, None)
+    assert torch.equal(_logits(model, token_batch), _logits(base, token_batch))
 
 
 # ---- same weights → same gradients ---------------------------------------------------------------
@@ -146,7 +189,7 @@ def test_same_weights_same_gradients(case, request, token_batch):
             b.copy_(theirs[name][1])
         if save:
             wrapped = pmodel.base_model.model.get_submodule(save[0]).modules_to_save["default"]
-            model.get_submodule(save[0]).load_state_dict(wrapped.state_dict())
+            saved_module(model, save[0], "default").load_state_dict(wrapped.state_dict())
 
     def loss_of(m):
         logits = m(**token_batch).logits
@@ -164,6 +207,14 @@ def test_same_weights_same_gradients(case, request, token_batch):
             assert mine.grad is not None and ref.grad is not None, f"{name}.lora_{which}"
             assert mine.grad.abs().max() > 0
             torch.testing.assert_close(mine.grad, ref.grad, atol=ATOL, rtol=1e-4, msg=f"{name}.lora_{which}")
+    if save:  # the trained head: our copy and PEFT's get the same gradients; the originals none
+        ours_head = dict(saved_module(model, save[0], "default").named_parameters())
+        theirs_head = dict(wrapped.named_parameters())
+        assert ours_head.keys() == theirs_head.keys()
+        for k, p in ours_head.items():
+            assert p.grad is not None and p.grad.abs().max() > 0, k
+            torch.testing.assert_close(p.grad, theirs_head[k].grad, atol=ATOL, rtol=1e-4, msg=f"{save[0]}.{k}")
+        assert all(p.grad is None for p in model.get_submodule(save[0]).original.parameters())
 
 
 # ---- conv and embedding layers outside transformers --------------------------------------------

@@ -17,7 +17,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import rankwise as rw
-from rankwise.core.adapted import AdaptedLayer
+from rankwise.core.adapted import AdaptedLayer, TrainedCopies
+from rankwise.core.api import saved_module
 
 ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -204,7 +205,8 @@ def test_merge_unmerge(method, kind, seed):
 @pytest.mark.parametrize("method,kind,seed", CASES)
 def test_save_load_roundtrip(method, kind, seed, tmp_path):
     base, model, x, layer = _build(method, kind, seed, modules_to_save=["post"])
-    _perturb(model.post.parameters(), seed + 7)
+    head = saved_module(model, "post", "default")
+    _perturb(head.parameters(), seed + 7)
     rw.save(model, tmp_path / "ad")
     fresh = copy.deepcopy(base)
     rw.load(fresh, tmp_path / "ad")
@@ -215,7 +217,12 @@ def test_save_load_roundtrip(method, kind, seed, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert torch.equal(fresh.post.w, model.post.w) and torch.equal(fresh.post.b, model.post.b)
+    assert isinstance(fresh.post, TrainedCopies) and list(fresh.post.copies) == ["default"]
+    fresh_head = saved_module(fresh, "post", "default")
+    assert torch.equal(fresh_head.w, head.w) and torch.equal(fresh_head.b, head.b)
+    assert not torch.equal(fresh_head.w, base.post.w), "the perturbed head must differ from the original"
+    # the original stays the base model's
+    assert torch.equal(fresh.post.original.w, base.post.w) and torch.equal(fresh.post.original.b, base.post.b)
     assert torch.equal(fresh.layer.base.weight, base.layer.weight)
     assert rw.trainable_parameters(fresh) == rw.trainable_parameters(model)
 
@@ -240,13 +247,17 @@ def test_only_adapters_get_grads(method, kind, seed):
     model.train()
     out = model(x)
     out.square().mean().backward()
-    adapter_ids = {id(p) for p in layer.adapters.parameters()} | {id(p) for p in model.post.parameters()}
+    head = saved_module(model, "post", "default")
+    adapter_ids = {id(p) for p in layer.adapters.parameters()} | {id(p) for p in head.parameters()}
     for name, p in model.named_parameters():
         if id(p) in adapter_ids:
             assert p.requires_grad and p.grad is not None, f"{name} should have a gradient"
             assert torch.isfinite(p.grad).all()
         else:
             assert not p.requires_grad and p.grad is None, f"base parameter {name} got a gradient"
+    # the head trains as the adapter's copy; the original (post.original.*) is frozen above
+    assert {n for n, p in model.named_parameters() if id(p) in {id(q) for q in head.parameters()}} == {
+        "post.copies.default.w", "post.copies.default.b"}
     expected = cls.num_params(layer.view, layer.adapters["default"].config) + 2  # + post (w, b)
     assert rw.trainable_parameters(model) == expected
     assert sum(p.numel() for p in layer.adapters.parameters() if p.requires_grad) == expected - 2

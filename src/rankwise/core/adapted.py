@@ -13,6 +13,8 @@ model's speed) and ``unmerge`` subtracts it again.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -100,3 +102,42 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+class TrainedCopies(nn.Module):
+    """A module some adapters train fully (``modules_to_save``, e.g. a classifier head).
+
+    It keeps the frozen ``original`` and one trainable copy per adapter; forward runs the copy
+    of the active adapter, or the original when no adapter with a copy is active. So several
+    adapters can each own a head, and ``set_active(model, None)`` gives the base model back.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+
+    def add(self, name: str) -> nn.Module:
+        new = copy.deepcopy(self.original)
+        for p in new.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = new
+        return new
+
+    def current(self) -> nn.Module:
+        return self.copies[self.active] if self.active in self.copies else self.original
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    @property
+    def weight(self):
+        return self.current().weight
+
+    @property
+    def bias(self):
+        return getattr(self.current(), "bias", None)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active!r}"

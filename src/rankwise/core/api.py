@@ -17,7 +17,7 @@ from ..errors import (
     UnsupportedLayerError,
     close_names,
 )
-from .adapted import AdaptedLayer
+from .adapted import AdaptedLayer, TrainedCopies
 from .config import AdapterConfig
 from .layers import KINDS, LayerView, kind_of
 from .registry import get_method
@@ -60,18 +60,27 @@ def adapted_layers(model: nn.Module) -> Iterable[tuple[str, AdaptedLayer]]:
             yield name, m
 
 
+def trained_copies(model: nn.Module) -> Iterable[tuple[str, TrainedCopies]]:
+    for name, m in model.named_modules():
+        if isinstance(m, TrainedCopies):
+            yield name, m
+
+
+def saved_module(model: nn.Module, module_name: str, adapter: str) -> nn.Module:
+    """The copy of ``module_name`` that adapter ``adapter`` trains (its ``modules_to_save``)."""
+    return model.get_submodule(module_name).copies[adapter]
+
+
 # ---- targets -------------------------------------------------------------------------------
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module, seeing through AdaptedLayer wrappers to their base."""
+    """(name, module) of every module, not looking inside AdaptedLayer / TrainedCopies wrappers."""
     out, skip = [], None
     for name, m in model.named_modules():
         if skip is not None and name.startswith(skip):
             continue
-        if isinstance(m, AdaptedLayer):
+        if isinstance(m, (AdaptedLayer, TrainedCopies)):
             skip = name + "."
-            out.append((name, m))
-        else:
-            out.append((name, m))
+        out.append((name, m))
     return out
 
 
@@ -106,7 +115,9 @@ def _output_heads(model: nn.Module, cands) -> set[str]:
             heads |= {n for n, m in cands if m is emb or (isinstance(m, AdaptedLayer) and m.base is emb)}
     heads |= {n for n, _ in cands if n.rsplit(".", 1)[-1] in HEAD_NAMES}
     if not heads and not hasattr(model, "config"):
-        linear = [n for n, m in cands if _kind(m) in ("linear", "hf_conv1d")]
+        # a head some adapter trains (TrainedCopies) is still the model's last layer
+        linear = [n for n, m in cands
+                  if _kind(m.original if isinstance(m, TrainedCopies) else m) in ("linear", "hf_conv1d")]
         if len(linear) > 1:
             heads.add(linear[-1])
     return heads
@@ -239,8 +250,7 @@ def adapt(
 
     # Freeze the base; adapters already on the model (and their modules_to_save) keep their own flags.
     adapter_ids = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
-    adapter_ids |= {id(p) for entry in state.values() for mname in entry.get("modules_to_save", [])
-                    for p in model.get_submodule(mname).parameters()}
+    adapter_ids |= {id(p) for _, tc in trained_copies(model) for p in tc.copies.parameters()}
     for p in model.parameters():
         if id(p) not in adapter_ids:
             p.requires_grad_(False)
@@ -250,8 +260,11 @@ def adapt(
             _set_module(model, tname, m)
         m.add(name, adapter)
     for mname in save_mods:
-        for p in model.get_submodule(mname).parameters():
-            p.requires_grad_(True)
+        m = model.get_submodule(mname)
+        if not isinstance(m, TrainedCopies):
+            m = TrainedCopies(m)
+            _set_module(model, mname, m)
+        m.add(name)
     state[name] = {"config": config, "modules": targets, "modules_to_save": save_mods}
     set_active(model, name)
     return model
@@ -259,7 +272,7 @@ def adapt(
 
 def _resolve_modules_to_save(model, pats, targets) -> list[str]:
     out = []
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in _candidates(model) if n]
     for p in pats:
         hits = [n for n in names if _suffix_match(n, [p]) and not any(n.startswith(t + ".") for t in targets)]
         hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits if h != n)]
@@ -302,16 +315,21 @@ def set_active(model: nn.Module, names) -> None:
     for _, layer in adapted_layers(model):
         layer.unmerge([n for n in layer.merged if n not in names])
         layer.active = [n for n in names if n in layer.adapters]
+    for _, tc in trained_copies(model):
+        tc.active = next((n for n in names if n in tc.copies), None)
 
 
 def snapshot(model: nn.Module):
     """Trainable flags and active adapters of ``model``, for :func:`restore` after a failed change."""
     return ([(p, p.requires_grad) for p in model.parameters()],
-            {name: (list(layer.active), list(layer.merged)) for name, layer in adapted_layers(model)})
+            {name: (list(layer.active), list(layer.merged)) for name, layer in adapted_layers(model)},
+            {name: tc.active for name, tc in trained_copies(model)})
 
 
 def restore(model: nn.Module, snap) -> None:
-    flags, layers = snap
+    flags, layers, heads = snap
+    for name, tc in trained_copies(model):
+        tc.active = heads.get(name)
     for p, flag in flags:
         p.requires_grad_(flag)
     for name, layer in adapted_layers(model):
@@ -336,6 +354,14 @@ def delete(model: nn.Module, name: str) -> None:
             layer.remove(name)
             if not layer.adapters:
                 _set_module(model, lname, layer.base)
+    still_active = [n for n in active_adapters(model) if n != name]
+    for mname, tc in list(trained_copies(model)):
+        if name in tc.copies:
+            del tc.copies[name]
+            if tc.active == name:  # the next active adapter with a copy takes over, as in set_active
+                tc.active = next((n for n in still_active if n in tc.copies), None)
+            if not tc.copies:
+                _set_module(model, mname, tc.original)
     del adapter_state(model)[name]
 
 
@@ -368,6 +394,10 @@ def merge(model: nn.Module, names=None) -> None:
         layer.merge(ns)
         # a merged adapter is part of the output, so it counts as active (set_active unmerges it)
         layer.active += [n for n in layer.merged if n not in layer.active]
+    if names is not None:  # adapters made active here come after those already active
+        for _, tc in trained_copies(model):
+            if tc.active is None:
+                tc.active = next((n for n in names if n in tc.copies), None)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -377,7 +407,11 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Return the plain model: adapters removed, merged into the weights first if ``merge``."""
+    """Return the plain model: adapters removed, merged into the weights first if ``merge``.
+
+    ``modules_to_save``: with ``merge`` the active adapter's trained copy takes the module's
+    place; without, the original module comes back (the exact base model).
+    """
     if merge:
         _check_untied(model, [(n, layer) for n, layer in adapted_layers(model)
                               if any(a not in layer.merged for a in layer.active)])
@@ -387,6 +421,8 @@ def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
         else:
             layer.unmerge()
         _set_module(model, lname, layer.base)
+    for mname, tc in list(trained_copies(model)):
+        _set_module(model, mname, tc.current() if merge else tc.original)
     model.__dict__.pop(STATE_ATTR, None)
     for p in model.parameters():
         p.requires_grad_(True)

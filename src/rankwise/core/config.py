@@ -18,8 +18,8 @@ class AdapterConfig:
         regular expression matched against the whole module name.
     exclude: module-name suffixes or a regex to leave out of ``targets``.
     modules_to_save: module-name suffixes of modules trained fully and saved with the adapter
-        (a classifier head, say). They are trained in place — rankwise keeps no copy of the
-        original module — so ``set_active(None)`` or ``delete`` leave the trained head in place.
+        (a classifier head, say). Each adapter trains its own copy; the original stays frozen
+        and is used when no adapter with a copy is active (see ``TrainedCopies``).
     """
 
     method: ClassVar[str] = ""

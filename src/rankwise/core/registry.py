@@ -29,8 +29,9 @@ def register(name: str):
         for attr in ("Config", "kinds", "forward", "delta_weight", "num_params"):
             if not hasattr(cls, attr):
                 raise TypeError(f"method class {cls.__name__} registered as '{name}' lacks '{attr}'")
-        owner = getattr(cls.Config, "method", "")
-        if owner and owner != name and owner in _REGISTRY:
+        # the very same Config class as another method (a subclass inherits ``method`` but is its own class)
+        owner = next((n for n, other in _REGISTRY.items() if n != name and other.Config is cls.Config), None)
+        if owner is not None:
             raise TypeError(
                 f"method '{name}' reuses the Config class of method '{owner}'; give each method its own "
                 "Config subclass (e.g. class MyConfig(LoraConfig): pass)."

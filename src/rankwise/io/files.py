@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.api import adapt, adapted_layers, adapter_state, restore, set_active, snapshot
+from ..core.api import adapt, adapted_layers, adapter_state, restore, saved_module, set_active, snapshot
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, CorruptFileError, ShapeMismatchError, TargetError
@@ -66,7 +66,7 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
             for pname, t in layer.adapters[name].state_dict().items():
                 tensors[f"{name}/{mname}/{pname}"] = t
         for mname in entry["modules_to_save"]:
-            for pname, t in model.get_submodule(mname).state_dict().items():
+            for pname, t in saved_module(model, mname, name).state_dict().items():
                 tensors[f"{name}/modules_to_save/{mname}/{pname}"] = t
         meta[name] = {
             "method": entry["config"].method,
@@ -152,7 +152,8 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
             if mname not in modules:
                 raise ShapeMismatchError(f"adapter '{name}' saves module '{mname}', which this model lacks.")
             prefix = f"{name}/modules_to_save/{mname}/"
-            own = modules[mname].state_dict()
+            m = modules[mname]
+            own = getattr(m, "original", m).state_dict()
             for k, t in tensors.items():
                 if k.startswith(prefix) and (k[len(prefix):] not in own
                                              or tuple(own[k[len(prefix):]].shape) != tuple(t.shape)):
@@ -172,7 +173,7 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
             cls = get_method(info["method"])
             config = cls.Config.from_dict(info["config"])
             exact = config.replace(targets=_exact(info["modules"]), exclude=None,
-                                   modules_to_save=[])
+                                   modules_to_save=list(info["modules_to_save"]))
             adapt(model, exact, name=name)
             added.append(name)
             state[name]["config"] = config
@@ -196,7 +197,7 @@ def _plan(model, name, info, tensors) -> list:
     for mname in info["modules"]:
         plan.append((layers[mname].adapters[name], f"{name}/{mname}/", mname))
     for mname in info["modules_to_save"]:
-        plan.append((model.get_submodule(mname), f"{name}/modules_to_save/{mname}/", mname))
+        plan.append((saved_module(model, mname, name), f"{name}/modules_to_save/{mname}/", mname))
     # check every key and shape first, then copy
     for module, prefix, mname in plan:
         own = module.state_dict()
@@ -220,6 +221,3 @@ def _copy(model, info, plan, tensors) -> None:
         for module, prefix, _ in plan:
             for k, v in module.state_dict(keep_vars=True).items():
                 v.copy_(tensors[prefix + k])
-    for mname in info["modules_to_save"]:
-        for p in model.get_submodule(mname).parameters():
-            p.requires_grad_(True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.api import adapt, adapted_layers, adapter_state, restore, snapshot
+from ..core.api import adapt, adapted_layers, adapter_state, restore, saved_module, snapshot
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError
@@ -48,7 +48,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None, bas
         for suffix, t in ad.peft_tensors().items():
             tensors[f"{PREFIX}{mname}.{suffix}"] = t
     for mname in entry["modules_to_save"]:
-        for pname, t in model.get_submodule(mname).state_dict().items():
+        for pname, t in saved_module(model, mname, name).state_dict().items():
             tensors[f"{PREFIX}{mname}.{pname}"] = t
     pcfg = cls.to_peft_config(entry["config"], views)
     pcfg.update({
@@ -134,7 +134,7 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     layers = dict(adapted_layers(model))
     for mod, params in [*saved_mods.items(), *base_weights.items()]:
         m = model.get_submodule(mod)
-        own = (layers[mod].base if mod in layers and mod in base_weights else m).state_dict()
+        own = (layers[mod].base if mod in layers and mod in base_weights else getattr(m, "original", m)).state_dict()
         for pname, t in params.items():
             if pname not in own or own[pname].shape != t.shape:
                 raise ShapeMismatchError(
@@ -144,7 +144,7 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     opts = cls.from_peft_config(pcfg)
     targets = "^(?:" + "|".join(re.escape(n) for n in sorted(per_module)) + ")$"
     snap = snapshot(model)
-    adapt(model, cls.Config(targets=targets, **opts), name=name)
+    adapt(model, cls.Config(targets=targets, modules_to_save=sorted(saved_mods), **opts), name=name)
     try:
         layers = dict(adapted_layers(model))
         for mod, ts in per_module.items():
@@ -159,12 +159,9 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
             for pname, t in params.items():
                 own[pname].copy_(t)
         for mod, params in saved_mods.items():
-            m = model.get_submodule(mod)
-            own = m.state_dict(keep_vars=True)
+            own = saved_module(model, mod, name).state_dict(keep_vars=True)
             for pname, t in params.items():
                 own[pname].copy_(t)
-            for p in m.parameters():
-                p.requires_grad_(True)
     entry = adapter_state(model)[name]
     entry["config"] = entry["config"].replace(targets=sorted(per_module), modules_to_save=sorted(saved_mods))
     entry["modules_to_save"] = sorted(saved_mods)
