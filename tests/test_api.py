@@ -664,8 +664,6 @@ def test_config_object_with_overrides(bert):
     assert _adapted(model)["bert.encoder.layer.0.attention.self.query"].adapters["x"].lora_A.shape == (2, 32)
 
 
-@pytest.mark.xfail(strict=True, reason="LoRA bug (lora.py, LoraConfig.__post_init__): the default alpha=None is "
-                   "replaced by float(rank) at construction, so overriding rank later keeps the old alpha")
 def test_config_override_keeps_default_alpha(bert):
     model = rw.adapt(bert(), rw.LoraConfig(rank=4, targets=["query"]), rank=8)
     cfg = adapter_state(model)["default"]["config"]

@@ -270,9 +270,6 @@ def test_conv_embedding_import_from_peft(tmp_path):
         assert (model(x, ids) - pmodel(x, ids)).abs().max() <= ATOL
 
 
-@pytest.mark.xfail(strict=True, reason="LoRA bug (lora.py, to_peft_config/peft_tensors): PEFT's conv LoRA "
-                   "builds lora_A without dilation (and with zero padding), so an adapter on a dilated conv "
-                   "exports without error but PEFT cannot run it; export should refuse with a clear error")
 def test_export_refuses_conv_peft_cannot_represent(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, dilation=2, padding=1))
     rw.adapt(model, "lora", rank=2, targets=["0"])

@@ -34,7 +34,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeMismatchError
 
 
 @dataclass
@@ -50,16 +50,20 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and self.rank > 0, "rank", "rank must be a positive integer.")
-        if self.alpha is None:
-            self.alpha = float(self.rank)
-        self._check(self.alpha > 0, "alpha", "alpha must be positive.")
+        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
+                    "rank", "rank must be a positive integer.")
+        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
         self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
         self._check(self.init in ("kaiming", "gaussian"), "init", "use 'kaiming' or 'gaussian'.")
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def lora_alpha(self) -> float:
+        """α in effect: ``alpha``, or the rank when ``alpha`` is None (kept None so a rank override follows)."""
+        return float(self.rank) if self.alpha is None else float(self.alpha)
 
 
 def check_rank(view: LayerView, rank: int, method: str) -> None:
@@ -266,10 +270,19 @@ class Lora(nn.Module):
 
     @classmethod
     def to_peft_config(cls, config: LoraConfig, views: list[LayerView]) -> dict:
+        for v in views:
+            if v.kind in ("conv1d", "conv2d"):
+                c = v.base
+                if any(d != 1 for d in c.dilation) or c.padding_mode != "zeros":
+                    raise ConfigError(
+                        f"module '{v.name}' is a convolution with dilation={c.dilation}, padding_mode="
+                        f"'{c.padding_mode}'; PEFT's conv LoRA builds lora_A without dilation and with zero "
+                        "padding, so it cannot represent this adapter. Save it with rw.save() instead."
+                    )
         return {
             "peft_type": "LORA",
             "r": config.rank,
-            "lora_alpha": config.alpha,
+            "lora_alpha": config.lora_alpha,
             "lora_dropout": config.dropout,
             "use_rslora": config.rslora,
             "bias": "none",
@@ -304,16 +317,17 @@ class Lora(nn.Module):
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         names = ("lora_embedding_A", "lora_embedding_B") if self.view.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-        for key, param in zip(names, (self.lora_A, self.lora_B)):
-            t = tensors[key].reshape(param.shape[0], -1)
-            if t.shape != param.shape:
-                from ..errors import ShapeMismatchError
+        expected = self.peft_tensors()
+        for key in names:
+            if tuple(tensors[key].shape) != tuple(expected[key].shape):
                 raise ShapeMismatchError(
                     f"module '{self.view.name}': PEFT tensor {key} has shape {tuple(tensors[key].shape)}, "
-                    f"rankwise expects {tuple(param.shape)}. Load it onto the model it was trained on."
+                    f"rankwise expects {tuple(expected[key].shape)} (rank {self.rank}, weight "
+                    f"{self.view.out_features}x{self.view.in_features}). Load it onto the model it was trained on."
                 )
-            with torch.no_grad():
-                param.copy_(t)
+        with torch.no_grad():
+            for key, param in zip(names, (self.lora_A, self.lora_B)):
+                param.copy_(tensors[key].reshape(param.shape))
 
     @classmethod
     def peft_suffixes(cls) -> tuple[str, ...]:
