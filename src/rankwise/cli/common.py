@@ -26,7 +26,7 @@ def method_options(method: str, rank: int | None = None, **overrides) -> dict:
 
 
 def default_lr(method: str) -> float:
-    return 1e-4 if method == FULL else getattr(get_method(method), "default_lr", 1e-3)
+    return 2e-4 if method == FULL else getattr(get_method(method), "default_lr", 1e-3)
 
 
 def train_memory_bytes(model, batch, loss_fn) -> dict[str, int]:

@@ -195,7 +195,7 @@ class Lora(nn.Module):
     summary = "ΔW = s·BA, A random, B = 0 (Hu et al. 2021); rsLoRA scaling option"
     identity_at_init = True
     merge_atol = 1e-5
-    default_lr = 1e-3
+    default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: LoraConfig, generator=None, calibration=None):
         super().__init__()
