@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..core.api import adapt, trainable_parameters
 from ..core.registry import get_method
-from ..utils.memory import saved_activation_bytes
+from ..utils.memory import PeakRSS, release_free_memory, saved_activation_bytes
 from ..utils.table import format_table
 
 FULL = "full"
@@ -60,9 +60,11 @@ def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, 
     model = prepare(model, method, options, head, cfg.seed)
     model.train()
     mem = train_memory_bytes(model, task.collate(train_enc[: cfg.batch_size]), task.loss)
+    release_free_memory()  # so memory freed by the previous method does not hide this one's peak
     t0 = time.perf_counter()
-    result = train(model, train_enc, task.collate, task.loss, cfg, eval_fn=task.evaluator(valid_enc),
-                   progress=progress, desc=desc)
+    with PeakRSS() as peak:
+        result = train(model, train_enc, task.collate, task.loss, cfg, eval_fn=task.evaluator(valid_enc),
+                       progress=progress, desc=desc)
     wall = time.perf_counter() - t0
     acc = result.evals[-1][1]["accuracy"] if result.evals else float("nan")
     row = {
@@ -72,6 +74,7 @@ def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, 
         "accuracy": round(acc, 4),
         "final loss": round(sum(result.losses[-10:]) / max(1, len(result.losses[-10:])), 4),
         "wall time (s)": round(wall, 1),
+        "peak RSS +MB": round(peak.peak_bytes / 2**20, 1),
         "train mem (MB)": round(sum(mem.values()) / 2**20, 1),
         "activations (MB)": round(mem["activations"] / 2**20, 1),
     }

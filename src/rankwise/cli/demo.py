@@ -62,8 +62,10 @@ def run_demo(args) -> list[dict]:
         f"{len(train_ds)} train / {len(valid_ds)} valid docstrings, max {args.max_length} tokens. "
         f"{args.steps} AdamW steps, batch {args.batch_size}, warmup 6% + cosine, seed {args.seed}, "
         f"{torch.get_num_threads()} threads; total {total:.0f} s.\n\n"
+        "*peak RSS +MB* = the process's peak resident memory during training above its size at the start "
+        "(kernel high-water mark; freed memory is returned to the OS between methods). "
         "*train mem* = weights + gradients + AdamW state + activations saved for backward on one batch "
-        "(measured exactly with autograd saved-tensor hooks)."
+        "(activations measured exactly with autograd saved-tensor hooks; deterministic)."
     )
     report = write_report(out, "rankwise demo: stdlib docstrings → module family", rows, curves, notes)
     print(f"\nreport: {report}  plot: {out / 'loss_curves.png'}")

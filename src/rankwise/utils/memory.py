@@ -34,6 +34,19 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so a
+    following :class:`PeakRSS` sees the next job's own peak rather than reused free memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def hwm_bytes() -> int | None:
     """The kernel's resident high-water mark (``VmHWM``) of this process, or ``None`` off Linux."""
     try:
