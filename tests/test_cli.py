@@ -110,3 +110,12 @@ def test_demo_runs_on_tiny_model(tiny_model_dir, tmp_path):
     assert "| full" in report and "| lora" in report
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert (out / "lora_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    """A hub id goes to transformers' hub loader; offline, the user is told to pass a folder."""
+    from rankwise.integrations.hf import load_sequence_classifier
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        load_sequence_classifier("someone/some-model", num_labels=2)
