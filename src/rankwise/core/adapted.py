@@ -7,6 +7,10 @@ active, unmerged adapter on the running output::
     for name in active:          # additive methods: out = out + ΔW_name x
         out = adapters[name](x, out)
 
+For additive methods (LoRA and every method whose update is ``W0 + ΔW``) several active
+adapters sum exactly, and the weight view is ``W0 + Σ ΔW_name``; a method that rescales the
+output (DoRA-like) acts on the running output, so stacking such methods is order-dependent.
+
 ``merge`` folds ``delta_weight()`` into the base weight (so inference runs at the bare
 model's speed) and ``unmerge`` subtracts it again.
 """
@@ -76,6 +80,7 @@ class AdaptedLayer(nn.Module):
         w = self.base.weight
         total = torch.zeros_like(w)
         for n in names:
+            self._check(n)
             total += self.adapters[n].delta_weight().to(w.dtype)
         return total
 

@@ -157,8 +157,6 @@ def resolve_targets(model: nn.Module, targets, exclude=None) -> list[str]:
                 f"{', '.join(matched[:5])}{' …' if len(matched) > 5 else ''} (supported kinds: "
                 f"{', '.join(KINDS)}). Point it at the layers inside them."
             )
-    elif callable(targets):
-        found = [n for n, m in cands if n and kind_at(n, m) is not None and targets(n, m)]
     else:
         pats = list(targets)
         found = []
@@ -410,7 +408,8 @@ def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
     """Return the plain model: adapters removed, merged into the weights first if ``merge``.
 
     ``modules_to_save``: with ``merge`` the active adapter's trained copy takes the module's
-    place; without, the original module comes back (the exact base model).
+    place; without, the original module comes back (the exact base model). Every parameter
+    is made trainable again, as in a freshly built model.
     """
     if merge:
         _check_untied(model, [(n, layer) for n, layer in adapted_layers(model)
