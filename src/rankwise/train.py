@@ -24,7 +24,6 @@ Checkpoint directory (written atomically, replacing the previous one; never pick
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, CorruptFileError, ShapeMismatchError, close_names
-from .io.atomic import atomic_dir
+from .io.atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
 
 __all__ = [
     "TrainConfig",
@@ -323,8 +322,6 @@ def save_checkpoint(
     Saves the trainable parameters of ``model``, the optimizer and scheduler state (either may be
     ``None``), the torch RNG state, ``step``, and optionally the config and a JSON-able history.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     _check_replaceable(directory)
     params = _trainable(model)
@@ -342,12 +339,10 @@ def save_checkpoint(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i in range(torch.cuda.device_count()):
             tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i)
-    text = json.dumps(state, indent=1, sort_keys=True)
-
     with atomic_dir(directory) as tmp:
-        save_file(_plain(params), str(tmp / "model.safetensors"))
-        save_file(_plain(tensors), str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer_state.json").write_text(text + "\n")
+        save_tensors(tmp / "model.safetensors", params)
+        save_tensors(tmp / "optimizer.safetensors", tensors)
+        write_json(tmp / "trainer_state.json", state)
     return directory
 
 
@@ -359,17 +354,11 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     from the model's trainable ones raises :class:`~rankwise.errors.ShapeMismatchError`. Also
     restores the torch RNG state saved with the checkpoint.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     state = _read_state(directory)
-    try:
-        saved = load_file(str(directory / "model.safetensors"))
-        extra = load_file(str(directory / "optimizer.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise CorruptFileError(f"load_checkpoint: cannot read the safetensors files in {directory} ({e}); "
-                               "the checkpoint is incomplete or damaged, write a new one.") from None
+    fix = "load_checkpoint: the checkpoint is incomplete or damaged, write a new one."
+    saved = read_tensors(directory / "model.safetensors", fix)
+    extra = read_tensors(directory / "optimizer.safetensors", fix)
     params = _trainable(model)
     _check_params(directory, saved, params)
     opt_state = None
@@ -411,11 +400,7 @@ def _read_state(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: {directory} is not a rankwise checkpoint (no trainer_state.json); "
                                 "pass the directory given to train(checkpoint_dir=...).")
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(f"load_checkpoint: {path} is not valid JSON ({e.msg}); the checkpoint is "
-                               "damaged, write a new one.") from None
+    state = read_json(path, "load_checkpoint: the checkpoint is damaged, write a new one.")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CorruptFileError(f"load_checkpoint: {path} has format {state.get('format')!r}, expected "
                                f"{CHECKPOINT_FORMAT!r}.")
@@ -451,17 +436,6 @@ def _check_groups(directory: Path, saved: dict, optimizer: torch.optim.Optimizer
         raise ShapeMismatchError(
             f"load_checkpoint: the optimizer state in {directory} has param groups of sizes {got}, the "
             f"optimizer has {have}; use the same optimizer (and trainable parameters) as the saved run.")
-
-
-def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous, CPU tensors that share no storage (what safetensors accepts)."""
-    out = {}
-    for k, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        out[k] = t
-    return out
 
 
 def _encode(obj, path: str, tensors: dict[str, torch.Tensor]):

@@ -1,4 +1,8 @@
-"""Atomic file and directory writes: a crash never leaves a half-written file."""
+"""File I/O shared by adapters, PEFT files and checkpoints.
+
+Writes are atomic (a crash never leaves a half-written file); reads of JSON and safetensors
+files turn every way a file can be missing or damaged into one :class:`CorruptFileError`.
+"""
 
 from __future__ import annotations
 
@@ -50,17 +54,44 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
-    """Write a safetensors file atomically (tensors made contiguous and unshared)."""
+    """Write a safetensors file atomically (tensors detached, on the CPU, contiguous, unshared)."""
     from safetensors.torch import save_file
 
-    clean = {k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous()
-             for k, v in tensors.items()}
+    clean = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        clean[k] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
 
 
-def _shares(t) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+def read_json(path: str | os.PathLike, fix: str):
+    """Parse a JSON file; a missing or unparsable file is a ``CorruptFileError`` ending in ``fix``."""
+    from ..errors import CorruptFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(f"{path} does not exist; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
+def read_tensors(path: str | os.PathLike, fix: str) -> dict:
+    """Load a safetensors file; a missing, truncated or damaged file is a ``CorruptFileError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..errors import CorruptFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(f"{path} does not exist; {fix}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"{path} cannot be read as safetensors ({e}); the file is damaged. {fix}") from None
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ shapes — before it changes the model, so a failed load leaves the model as it 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..core.api import adapt, adapted_layers, adapter_state, restore, saved_modu
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, CorruptFileError, ShapeMismatchError, TargetError
-from .atomic import atomic_dir, save_tensors, write_json
+from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -88,18 +87,12 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
 
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and verify an adapter directory: (config dict, tensors). Touches no model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (cfg_file, w_file):
         if not f.is_file():
             raise CorruptFileError(f"{f} does not exist; is '{path}' a directory written by rw.save()?")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{cfg_file} is not valid JSON ({e}); the file is damaged. Save the adapter again.") from None
+    cfg = read_json(cfg_file, "the file is damaged. Save the adapter again.")
     if cfg.get("format") != FORMAT:
         hint = " It looks like a PEFT adapter: use rw.import_peft()." if "peft_type" in cfg else ""
         raise CorruptFileError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}.{hint}")
@@ -109,11 +102,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{w_file} is corrupted or truncated: SHA-256 {digest[:12]}… does not match the "
             f"{cfg['weights_sha256'][:12]}… recorded at save time. Restore the file or save it again."
         )
-    try:
-        tensors = load_file(str(w_file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFileError(f"{w_file} cannot be read as safetensors ({e}); the file is damaged.") from None
-    return cfg, tensors
+    return cfg, read_tensors(w_file, "Save the adapter again.")
 
 
 def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Module:

@@ -9,7 +9,6 @@ Generic over the registry: a method that PEFT also has provides ``peft_accepts``
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ..core.api import adapt, adapted_layers, adapter_state, restore, saved_modu
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError
-from .atomic import atomic_dir, save_tensors, write_json
+from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
 
 PREFIX = "base_model.model."
 
@@ -68,23 +67,10 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None, bas
 
 def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn.Module:
     """Load a PEFT adapter directory onto ``model`` (the plain base model) as adapter ``name``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    try:
-        pcfg = json.loads((path / "adapter_config.json").read_text())
-    except FileNotFoundError:
-        raise CorruptFileError(f"{path}/adapter_config.json does not exist; is this a PEFT adapter directory?") from None
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{path}/adapter_config.json is not valid JSON ({e}).") from None
+    pcfg = read_json(path / "adapter_config.json", "is this a PEFT adapter directory?")
     wfile = path / "adapter_model.safetensors"
-    if not wfile.is_file():
-        raise CorruptFileError(f"{wfile} does not exist (rankwise reads safetensors only, never pickled .bin files).")
-    try:
-        tensors = load_file(str(wfile))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFileError(f"{wfile} cannot be read as safetensors ({e}); the file is damaged.") from None
+    tensors = read_tensors(wfile, "rankwise reads safetensors only, never pickled .bin files.")
 
     matches = [m for m in methods() if getattr(get_method(m), "peft_accepts", lambda c: False)(pcfg)]
     if not matches:
