@@ -88,6 +88,11 @@ def _kind(m: nn.Module) -> str | None:
     return m.view.kind if isinstance(m, AdaptedLayer) else kind_of(m)
 
 
+def exact_targets(names) -> str:
+    """A ``targets`` regex that selects exactly the modules ``names`` (used to rebuild saved adapters)."""
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
 def _suffix_match(name: str, pats: list[str]) -> str | None:
     for p in pats:
         if name == p or name.endswith("." + p):
@@ -160,15 +165,17 @@ def resolve_targets(model: nn.Module, targets, exclude=None) -> list[str]:
     else:
         pats = list(targets)
         found = []
+        by_name = dict(cands)
         for p in pats:
             hits = [n for n, _ in cands if _suffix_match(n, [p])]
             if not hits:
                 suffixes = {n.rsplit(".", 1)[-1] for n in names} | set(names)
                 raise TargetError(f"target '{p}' matches no module of {type(model).__name__}." + close_names(p, suffixes))
             for n in hits:
-                m = dict(cands)[n]
-                if bypassed_by(n) and _kind(m) is not None and not _excluded(n, exclude):
-                    f, ftype = bypassed_by(n)
+                m = by_name[n]
+                bypass = bypassed_by(n)
+                if bypass and _kind(m) is not None and not _excluded(n, exclude):
+                    f, ftype = bypass
                     raise UnsupportedLayerError(
                         f"target '{p}' matched module '{n}' ({type(m).__name__}) inside '{f}', a {ftype}, "
                         "which reads its layers' weights directly instead of calling them, so an adapter "
@@ -271,12 +278,12 @@ def adapt(
 def _resolve_modules_to_save(model, pats, targets) -> list[str]:
     out = []
     names = [n for n, _ in _candidates(model) if n]
+    adapted = list(targets) + [n for n, _ in adapted_layers(model)]
     for p in pats:
         hits = [n for n in names if _suffix_match(n, [p]) and not any(n.startswith(t + ".") for t in targets)]
         hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits if h != n)]
         if not hits:
             raise TargetError(f"modules_to_save entry '{p}' matches no module." + close_names(p, names))
-        adapted = list(targets) + [n for n, _ in adapted_layers(model)]
         both = [(h, t) for h in hits for t in adapted if t == h or t.startswith(h + ".")]
         if both:
             h, t = both[0]

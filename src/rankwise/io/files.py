@@ -16,14 +16,22 @@ shapes — before it changes the model, so a failed load leaves the model as it 
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import __version__
-from ..core.api import adapt, adapted_layers, adapter_state, restore, saved_module, set_active, snapshot
+from ..core.api import (
+    adapt,
+    adapted_layers,
+    adapter_state,
+    exact_targets,
+    restore,
+    saved_module,
+    set_active,
+    snapshot,
+)
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, CorruptFileError, ShapeMismatchError, TargetError
@@ -40,10 +48,6 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _exact(names) -> str:
-    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 def save(model: nn.Module, path: str | Path, names=None) -> Path:
@@ -161,7 +165,7 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
             info = saved[name]
             cls = get_method(info["method"])
             config = cls.Config.from_dict(info["config"])
-            exact = config.replace(targets=_exact(info["modules"]), exclude=None,
+            exact = config.replace(targets=exact_targets(info["modules"]), exclude=None,
                                    modules_to_save=list(info["modules_to_save"]))
             adapt(model, exact, name=name)
             added.append(name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.api import adapt, adapted_layers, adapter_state, restore, saved_module, snapshot
+from ..core.api import adapt, adapted_layers, adapter_state, exact_targets, restore, saved_module, snapshot
 from ..core.api import delete as delete_adapter
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError
@@ -128,7 +128,7 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
                     f"{tuple(own[pname].shape) if pname in own else 'missing'}."
                 )
     opts = cls.from_peft_config(pcfg)
-    targets = "^(?:" + "|".join(re.escape(n) for n in sorted(per_module)) + ")$"
+    targets = exact_targets(sorted(per_module))
     snap = snapshot(model)
     adapt(model, cls.Config(targets=targets, modules_to_save=sorted(saved_mods), **opts), name=name)
     try:
