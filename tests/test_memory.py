@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rankwise as rw
+from rankwise.core import ops
 from rankwise.utils.memory import PeakRSS, rss_bytes, saved_activation_bytes
 
 lora_mod = importlib.import_module("rankwise.methods.lora")
@@ -175,7 +176,7 @@ def test_lora_dropout_matches_plain_path_with_same_mask(monkeypatch, x_grad):
         masks.append(m)
         return m
 
-    monkeypatch.setattr(lora_mod, "_keep_mask", recording_mask)
+    monkeypatch.setattr(lora_mod, "keep_mask", recording_mask)
     x = torch.randn(4, 5, 12, dtype=torch.float64, requires_grad=x_grad)
     w = torch.randn(4, 5, 10, dtype=torch.float64)
     out = model(x)
@@ -205,11 +206,11 @@ def test_fused_lora_function_gradcheck():
 
 @pytest.mark.parametrize("bernoulli", [True, False])
 def test_keep_mask_draws_bernoulli_keep(monkeypatch, bernoulli):
-    monkeypatch.setattr(lora_mod, "_cpu_bernoulli_is_fast", lambda: bernoulli)
+    monkeypatch.setattr(ops, "cpu_bernoulli_is_fast", lambda: bernoulli)
     x = torch.empty(200, 500)
     torch.manual_seed(0)
-    m = lora_mod._keep_mask(x, 0.9)
+    m = ops.keep_mask(x, 0.9)
     assert m.dtype == torch.bool and m.shape == x.shape
     assert abs(m.float().mean().item() - 0.9) < 0.005
     torch.manual_seed(0)
-    assert torch.equal(m, lora_mod._keep_mask(x, 0.9))  # reproducible from the global seed
+    assert torch.equal(m, ops.keep_mask(x, 0.9))  # reproducible from the global seed

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedLayerError
+from ..errors import ConfigError, UnsupportedLayerError
 
 KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
 
@@ -136,6 +136,15 @@ class LayerView:
         if self.kind == "conv1d":
             return F.conv1d(h, b2d[:, :, None])
         return F.linear(h, b2d)
+
+    def check_rank(self, rank: int, method: str) -> None:
+        """Refuse ranks above ``min(out, in)``: the update could not use them."""
+        limit = min(self.out_features, self.in_features)
+        if rank > limit:
+            raise ConfigError(
+                f"{method} rank={rank} is larger than module '{self.name}' allows: its weight is "
+                f"{self.out_features}x{self.in_features}, so rank ≤ {limit}. Lower rank or exclude the module."
+            )
 
     def check_supported(self, method: str, kinds) -> None:
         if self.kind not in kinds:

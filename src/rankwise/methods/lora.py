@@ -22,9 +22,7 @@ mask, and rebuilds ``drop(x)`` in backward — PEFT keeps a full extra copy of t
 
 from __future__ import annotations
 
-import functools
 import math
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +31,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.ops import autocast_on, keep_mask
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
 
@@ -66,45 +65,13 @@ class LoraConfig(AdapterConfig):
         return float(self.rank) if self.alpha is None else float(self.alpha)
 
 
-def check_rank(view: LayerView, rank: int, method: str) -> None:
-    """Refuse ranks above min(out, in): the update could not use them."""
-    limit = min(view.out_features, view.in_features)
-    if rank > limit:
-        raise ConfigError(
-            f"{method} rank={rank} is larger than module '{view.name}' allows: its weight is "
-            f"{view.out_features}x{view.in_features}, so rank ≤ {limit}. Lower rank or exclude the module."
-        )
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-@functools.cache
-def _cpu_bernoulli_is_fast() -> bool:
-    """PyTorch's CPU ``bernoulli_`` uses MKL's generator only on Intel CPUs; elsewhere it is a
-    serial per-element loop, about twice as slow as ``rand() < p`` (measured on an AMD EPYC)."""
-    if not torch.backends.mkl.is_available():
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return "GenuineIntel" in line
-    except OSError:
-        pass
-    return "intel" in platform.processor().lower()
-
-
-def _keep_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
-    """Bool mask of ``x``'s shape, each entry True with probability ``keep`` (from the global RNG),
-    drawn with whichever of ``bernoulli_`` and ``rand < keep`` is faster on ``x``'s device."""
-    if x.device.type == "cpu" and not _cpu_bernoulli_is_fast():
-        return torch.rand(x.shape) < keep
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
+def _branch(x, base_out, a, b, factor: float, mask=None) -> torch.Tensor:
+    """``base_out + factor · ((x ⊙ m) Aᵀ) Bᵀ`` as two thin matmuls on 2-D views (``m`` optional)."""
+    x2 = x.reshape(-1, a.shape[1])
+    if mask is not None:
+        x2 = x2 * mask.reshape(x2.shape)
+    out = torch.addmm(base_out.reshape(-1, b.shape[0]), torch.mm(x2, a.t()), b.t(), alpha=factor)
+    return out.view(base_out.shape)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -125,13 +92,9 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base_out, a, b, scale, mask, keep):
-        n_in, n_out = a.shape[1], b.shape[0]
-        x2 = x.reshape(-1, n_in)
-        h = torch.mm(x2 if mask is None else x2 * mask.reshape(-1, n_in), a.t())  # drop(x) Aᵀ · keep
-        out = torch.addmm(base_out.reshape(-1, n_out), h, b.t(), alpha=scale / keep)
         ctx.scale, ctx.keep = scale, keep
         ctx.save_for_backward(x, a, b, mask)
-        return out.view(base_out.shape)
+        return _branch(x, base_out, a, b, scale / keep, mask)
 
     @staticmethod
     def backward(ctx, g):
@@ -199,7 +162,7 @@ class Lora(nn.Module):
 
     def __init__(self, view: LayerView, config: LoraConfig, generator=None, calibration=None):
         super().__init__()
-        check_rank(view, config.rank, "lora")
+        view.check_rank(config.rank, "lora")
         self.view, self.config, self.rank = view, config, config.rank
         self.scale = config.scale
         w = view.weight
@@ -227,26 +190,21 @@ class Lora(nn.Module):
         kind = self.view.kind
         linear = kind == "linear" or kind == "hf_conv1d"
         dropping = self.drop > 0 and self.training
-        if linear and x.dtype == a.dtype == base_out.dtype and not _autocast_on(x.device.type):
+        if linear and x.dtype == a.dtype == base_out.dtype and not autocast_on(x.device.type):
             mask, keep = None, 1.0
             if dropping:
                 keep = 1.0 - self.drop
-                mask = _keep_mask(x, keep)
+                mask = keep_mask(x, keep)
             if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
                                             or base_out.requires_grad):
                 return _LoraLinear.apply(x, base_out, a, b, self.scale, mask, keep)
-            # no graph to build (inference): the same arithmetic with plain kernels
-            x2 = x.reshape(-1, a.shape[1])
-            if mask is not None:
-                x2 = x2 * mask.reshape(x2.shape)
-            out = torch.addmm(base_out.reshape(-1, b.shape[0]), torch.mm(x2, a.t()), b.t(), alpha=self.scale / keep)
-            return out.view(base_out.shape)
+            return _branch(x, base_out, a, b, self.scale / keep, mask)  # no graph to build (inference)
         # general path: other layer kinds, mixed dtypes, autocast
         if x.is_floating_point() and x.dtype != a.dtype:
             x = x.to(a.dtype)
         if dropping and linear:
             keep = 1.0 - self.drop
-            mask = _keep_mask(x, keep)
+            mask = keep_mask(x, keep)
             h = _DropoutLinear.apply(x, a, mask, keep)
         else:
             if dropping and x.is_floating_point():
