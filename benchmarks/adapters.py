@@ -109,10 +109,6 @@ def copy_factors(src, dst, b_std: float = 0.0, seed: int = 0) -> None:
             fd[name][1].copy_(fs[name][1])
 
 
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def make_step(model, config: str, batch: dict, target: torch.Tensor):
     """(loss_fn, step): the loss of one forward, and one full training step."""
     kind, _ = parse(config)
@@ -152,7 +148,7 @@ def check_same_lora(models: dict, batch: dict, target: torch.Tensor) -> None:
         fr, fp = lora_factors(r), lora_factors(p)
         assert len(fr) == N_LINEAR, f"rankwise adapted {len(fr)} modules, expected {N_LINEAR}"
         assert set(fr) == set(fp), f"rankwise and PEFT adapt different modules: {sorted(set(fr) ^ set(fp))}"
-        assert trainable(r) == trainable(p), (trainable(r), trainable(p))
+        assert rw.trainable_parameters(r) == rw.trainable_parameters(p), (rw.trainable_parameters(r), rw.trainable_parameters(p))
         copy_factors(r, p)
     # dropout 0: the same seed gives the same loss and the same LoRA gradients
     r, p = models["rankwise"], models["peft"]
@@ -186,7 +182,7 @@ def child_memory(config: str, batch_size: int, seq: int, steps: int) -> dict:
     del loss
     return {"config": config, "saved_bytes": saved.bytes, "saved_tensors": saved.count,
             "peak_bytes": peak.peak_bytes, "peak_total_bytes": peak.peak_total_bytes,
-            "peak_exact": peak.exact, "trainable": trainable(model)}
+            "peak_exact": peak.exact, "trainable": rw.trainable_parameters(model)}
 
 
 def measure_memory(configs, args) -> dict[str, dict]:
@@ -215,7 +211,7 @@ def run(args) -> str:
     print("  checks passed: same 36 modules, same weights, same loss and gradients (rankwise vs PEFT)", flush=True)
     steps = {c: make_step(models[c], c, batch, target)[1] for c in TRAIN}
     train_t = C.interleaved(steps, rounds=args.rounds, warmup=args.warmup)
-    params = {c: trainable(models[c]) for c in TRAIN}
+    params = {c: rw.trainable_parameters(models[c]) for c in TRAIN}
     del models, steps
     gc.collect()
     print("  training timed", flush=True)
