@@ -12,7 +12,11 @@ adapters sum exactly, and the weight view is ``W0 + Σ ΔW_name``; a method that
 output (DoRA-like) acts on the running output, so stacking such methods is order-dependent.
 
 ``merge`` folds ``delta_weight()`` into the base weight (so inference runs at the bare
-model's speed) and ``unmerge`` subtracts it again.
+model's speed) and ``unmerge`` subtracts it again. A method whose update reads ``W0`` itself
+(DoRA's column norms, Householder reflections, ``W0``-scaled updates) sets ``reads_base = True``:
+its ΔW would change once ``W0`` holds merged updates, so merge keeps the exact ΔW it added (one
+weight-sized buffer per such merged adapter) and unmerge subtracts that; while merged,
+``delta_weight`` of such an adapter also returns the kept ΔW.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        self._merged_delta: dict[str, torch.Tensor] = {}  # only for methods with reads_base
 
     # Code written for the bare layer often reads .weight / .bias / in_features directly.
     @property
@@ -81,22 +86,30 @@ class AdaptedLayer(nn.Module):
         total = torch.zeros_like(w)
         for n in names:
             self._check(n)
-            total += self.adapters[n].delta_weight().to(w.dtype)
+            total += self._delta(n).to(w.dtype)
         return total
+
+    def _delta(self, name: str) -> torch.Tensor:
+        kept = self._merged_delta.get(name)
+        return kept if kept is not None else self.adapters[name].delta_weight()
 
     @torch.no_grad()
     def merge(self, names=None) -> None:
         names = [n for n in (self.active if names is None else names) if n not in self.merged]
         for n in names:
             self._check(n)
-            self.base.weight.data += self.adapters[n].delta_weight().to(self.base.weight.dtype)
+            delta = self.adapters[n].delta_weight().to(self.base.weight.dtype)
+            if getattr(self.adapters[n], "reads_base", False):
+                self._merged_delta[n] = delta.detach().clone()
+            self.base.weight.data += delta
             self.merged.append(n)
 
     @torch.no_grad()
     def unmerge(self, names=None) -> None:
         names = list(reversed(self.merged)) if names is None else [n for n in names if n in self.merged]
         for n in names:
-            self.base.weight.data -= self.adapters[n].delta_weight().to(self.base.weight.dtype)
+            self.base.weight.data -= self._delta(n).to(self.base.weight.dtype)
+            self._merged_delta.pop(n, None)
             self.merged.remove(n)
 
     def _check(self, name: str) -> None:

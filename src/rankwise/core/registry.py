@@ -9,6 +9,7 @@ A method is an ``nn.Module`` class with:
 * ``delta_weight()`` — the weight view ``W_adapted - W0`` in the base parameter's layout;
 * ``num_params(view, config)`` (classmethod) — its trainable-parameter formula;
 * ``merge_atol`` — the float tolerance within which merge→unmerge restores ``W0``;
+* ``reads_base`` — True when ``delta_weight()`` reads ``W0`` (then merge keeps the ΔW it added);
 * ``identity_at_init`` — whether the adapted layer equals the base layer right after init;
 * ``summary`` (one line) and a docstring with the math and the paper.
 """
