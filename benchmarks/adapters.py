@@ -3,6 +3,8 @@
     python benchmarks/adapters.py             # full run (a few minutes on 2 cores)
     python benchmarks/adapters.py --quick     # smoke run: small batch, few rounds (< 1 min)
     python benchmarks/adapters.py --out results.md
+    python benchmarks/adapters.py --methods all     # one row per registered method, vs PEFT's twin
+    python benchmarks/adapters.py --methods dora,vera --quick
 
 Setup: ``BertModel`` all-MiniLM-L6-v2 (22.7M parameters, no pooler), batch 32 x 64 random
 token ids, fp32, train mode (the model's own dropout on), loss = MSE of the mean-pooled last
@@ -23,6 +25,13 @@ Measured:
   (``rankwise.utils.memory.PeakRSS``: the kernel's VmHWM);
 * inference forward (``torch.inference_mode``, eval mode): bare model, rankwise merged,
   rankwise unmerged and PEFT unmerged, interleaved, ratios to the bare model.
+
+``--methods``: a row per method instead. Each method is put on all linear layers with its
+``demo_options`` (rank 8 where it has a rank); for methods PEFT also has, PEFT's twin is
+built from the very same adapter (``rw.export_peft`` → ``PeftModel.from_pretrained``) and
+the script asserts both give the same loss before timing. Per method, rankwise, PEFT and
+rankwise LoRA steps are interleaved (so "x PEFT" and "x LoRA" are paired ratios from the
+same rounds); saved activations are exact; peak RSS comes from a fresh subprocess per row.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ def parse(config: str) -> tuple[str, float]:
 
 
 def build(config: str, seed: int = 0) -> torch.nn.Module:
+    if config.startswith(("method:", "peft:")):
+        return build_method(*config.split(":", 1), seed=seed)
     kind, drop = parse(config)
     model = C.load_minilm(seed)
     if kind == "floor":
@@ -82,6 +93,36 @@ def build(config: str, seed: int = 0) -> torch.nn.Module:
     elif kind != "full":
         raise ValueError(f"unknown configuration {config!r}")
     return model
+
+
+def build_method(kind: str, method: str, seed: int = 0):
+    """rankwise's ``method`` on all linear layers (``kind='method'``) or PEFT's twin of that very
+    adapter (``kind='peft'``: exported with ``rw.export_peft`` and loaded with ``PeftModel``)."""
+    from rankwise.cli.common import method_options
+
+    model = C.load_minilm(seed)
+    rw.adapt(model, method, targets="all-linear", seed=seed, **method_options(method, rank=RANK))
+    perturb_adapters(model, seed)
+    if kind == "method":
+        return model
+    import tempfile
+
+    import peft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rw.export_peft(model, tmp)
+        return peft.PeftModel.from_pretrained(C.load_minilm(seed), tmp, is_trainable=True)
+
+
+def perturb_adapters(model, seed: int, std: float = 0.02) -> None:
+    """Nudge every trainable adapter tensor so no factor is exactly zero (as after some training)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, AdaptedLayer):
+                for p in m.adapters.parameters():
+                    if p.requires_grad and p.is_floating_point():
+                        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
 def lora_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -305,8 +346,85 @@ def run(args) -> str:
     return "\n".join(md) + "\n"
 
 
+def has_peft(method: str) -> bool:
+    return hasattr(rw.get_method(method), "to_peft_config")
+
+
+def run_methods(args) -> str:
+    """One row per method: params, step time (x PEFT's twin, x rankwise LoRA), saved activations, peak RSS."""
+    from rankwise.cli.demo import demo_methods
+
+    C.setup(args.threads)
+    env = C.env_info()
+    names = [m for m in demo_methods(args.methods) if m != "full"]
+    print("  ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    print(f"batch {args.batch} x {args.seq} tokens, all linear layers, {args.rounds} rounds per method: "
+          f"{', '.join(names)}", flush=True)
+    ref = build("rankwise")
+    batch, target = data(ref, args.batch, args.seq)
+    ref_step = make_step(ref, "rankwise", batch, target)[1]
+    rows, notes = [], []
+    for method in names:
+        try:
+            model = build(f"method:{method}")
+        except Exception as e:  # a method that cannot sit on MiniLM's layers: say why, go on
+            notes.append(f"{method}: not built on MiniLM ({type(e).__name__}: {e})")
+            continue
+        loss_fn, step = make_step(model, method, batch, target)
+        fns = {"rankwise": step, "lora": ref_step}
+        twin_note = "-"
+        if has_peft(method):
+            try:
+                twin = build(f"peft:{method}")
+                t_loss, t_step = make_step(twin, method, batch, target)
+                model.eval(), twin.eval()  # no dropout: the same loss from the same weights
+                with torch.no_grad():
+                    a, b = loss_fn(), t_loss()
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+                model.train(), twin.train()
+                fns["peft"] = t_step
+                twin_note = "same loss"
+            except Exception as e:
+                twin_note = f"no PEFT twin: {type(e).__name__}"
+                notes.append(f"{method}: PEFT twin failed ({type(e).__name__}: {str(e)[:200]})")
+        with saved_activation_bytes(model) as saved:
+            loss = loss_fn()
+        del loss
+        t = C.interleaved(fns, rounds=args.rounds, warmup=args.warmup)
+        mem = {}
+        if not args.no_rss:
+            for k in ("method", "peft") if "peft" in fns else ("method",):
+                mem[k] = C.run_child(os.path.abspath(__file__), [
+                    "--child-memory", f"{k}:{method}", "--batch", str(args.batch), "--seq", str(args.seq),
+                    "--steps", str(args.mem_steps), "--threads", str(args.threads)])["peak_bytes"]
+        rows.append([method, rw.trainable_parameters(model), C.ms(C.median(t["rankwise"])),
+                     C.ratio(C.paired_ratio(t["rankwise"], t["lora"])),
+                     C.ratio(C.paired_ratio(t["rankwise"], t["peft"])) if "peft" in t else "-",
+                     C.ms(C.median(t["peft"])) if "peft" in t else "-",
+                     C.mib(saved.bytes), C.mib(mem.get("method")), C.mib(mem.get("peft")), twin_note])
+        print(f"  {method}: {rows[-1][2]} ms, x LoRA {rows[-1][3]}, x PEFT {rows[-1][4]}", flush=True)
+        del model, fns
+        gc.collect()
+    headers = ["method", "trained params", "step ms", "x LoRA", "x PEFT", "PEFT step ms", "saved act. MiB",
+               "peak RSS +MiB", "PEFT peak RSS +MiB", "PEFT twin"]
+    slower = [r[0] for r in rows if r[4] != "-" and float(r[4]) > 1.0]
+    goals = [f"methods with a PEFT twin: {sum(r[4] != '-' for r in rows)}; slower than PEFT (ratio > 1.0): "
+             f"{', '.join(slower) if slower else 'none'}"] + notes
+    if args.quick:
+        goals.insert(0, "quick run: a smoke test, not the measured setup")
+    print("\n" + C.table(rows, headers) + "\n\n" + "\n".join(goals))
+    md = ["Environment: " + "; ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+          f"batch {args.batch} x {args.seq} tokens, every method on all linear layers of all-MiniLM-L6-v2, "
+          f"{args.rounds} interleaved rounds per method after {args.warmup} warm-up.", "",
+          C.table(rows, headers, markdown=True), ""] + [f"- {g}" for g in goals]
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", help="'all' or a comma list: one row per method (vs PEFT's twin) instead of "
+                                      "the LoRA table")
+    ap.add_argument("--no-rss", action="store_true", help="with --methods: skip the peak-RSS subprocesses")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 8 x 32, 3 rounds")
     ap.add_argument("--out", help="also write the results as Markdown to this file")
     ap.add_argument("--threads", type=int, default=2)
@@ -320,7 +438,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
-    defaults = {"batch": 8 if q else 32, "seq": 32 if q else 64, "rounds": 3 if q else 20,
+    defaults = {"batch": 8 if q else 32, "seq": 32 if q else 64,
+                "rounds": (2 if q else 8) if args.methods else (3 if q else 20),
                 "infer_rounds": 5 if q else 30, "warmup": 1 if q else 3, "mem_steps": 1 if q else 3}
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -330,7 +449,7 @@ def main(argv=None):
         C.setup(args.threads)
         C.emit(child_memory(args.child_memory, args.batch, args.seq, args.steps))
         return
-    md = run(args)
+    md = run_methods(args) if args.methods else run(args)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)

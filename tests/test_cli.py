@@ -119,3 +119,16 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not a local folder"):
         load_sequence_classifier("someone/some-model", num_labels=2)
+
+
+def test_demo_method_lineup():
+    from rankwise.cli.demo import DEFAULT, demo_methods
+    from rankwise.errors import MethodNotFoundError
+
+    registered = set(rw.methods())
+    assert demo_methods(None) == [m for m in DEFAULT if m == "full" or m in registered]
+    assert demo_methods(None)[:2] == ["full", "lora"]
+    assert demo_methods("all") == ["full"] + rw.methods()
+    assert demo_methods(" lora , full ") == ["lora", "full"]
+    with pytest.raises(MethodNotFoundError, match="no adapter method named 'lorra'"):
+        demo_methods("lora,lorra")

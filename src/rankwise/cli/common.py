@@ -81,12 +81,13 @@ def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, 
     return row, result, model
 
 
-def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list[float]], notes: str) -> Path:
-    """report.md + loss_curves.png in ``out`` (atomic writes)."""
+def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list[float]], notes: str,
+                 md_name: str = "report.md", png_name: str = "loss_curves.png") -> Path:
+    """``md_name`` (a table, the plot, notes) + ``png_name`` (loss curves) in ``out`` (atomic writes)."""
     from ..io.atomic import atomic_path, write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    png = out / "loss_curves.png"
+    png = out / png_name
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,9 +111,9 @@ def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list
     plt.close(fig)
     headers = list(rows[0]) if rows else []
     table = format_table([[r[h] for h in headers] for r in rows], headers, markdown=True)
-    md = f"# {title}\n\n{table}\n\n![loss curves](loss_curves.png)\n\n{notes}\n"
-    write_text(out / "report.md", md)
-    return out / "report.md"
+    md = f"# {title}\n\n{table}\n\n![loss curves]({png_name})\n\n{notes}\n"
+    write_text(out / md_name, md)
+    return out / md_name
 
 
 def print_table(rows: list[dict]) -> None:

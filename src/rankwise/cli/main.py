@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="fine-tune MiniLM on a built-in text task with every method; print a table")
     d.add_argument("--out", default="demo_out", help="output folder for report.md, loss_curves.png")
     d.add_argument("--methods", default=None,
-                   help="comma list of methods to run (default: full fine-tuning and every registered method)")
+                   help="comma list of methods ('full' = full fine-tuning), or 'all' for every registered "
+                        "method (default: full fine-tuning and a lineup of representative methods)")
     d.add_argument("--model", default=None, help="model folder or hub id (default: bundled all-MiniLM-L6-v2)")
     d.add_argument("--steps", type=int, default=80)
     d.add_argument("--batch-size", type=int, default=16)
