@@ -8,7 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import analysis as analysis  # rw.analysis: analyze(), per-matrix measures, reports
 from . import errors
+from . import optim as optim  # rw.optim: low-rank optimizers (GaLore, Fira, APOLLO ...)
 from .core import registry as _registry
 from .core.api import (
     active_adapters,

@@ -45,6 +45,10 @@ class MethodNotFoundError(RankwiseError, ValueError):
     """No method is registered under this name."""
 
 
+class CalibrationError(RankwiseError, ValueError):
+    """A data-driven init got no, empty or unusable calibration data."""
+
+
 def close_names(name: str, candidates, n: int = 5) -> str:
     """Return ``" Did you mean: a, b?"`` for the closest candidates, or ``""``."""
     cands = sorted(set(candidates))

@@ -72,6 +72,9 @@ def run_demo(args) -> list[dict]:
           f"({len(train_ds)} train / {len(valid_ds)} valid), model {model_name}, "
           f"{args.steps} steps × batch {args.batch_size}, methods: {', '.join(names)}")
 
+    from ..analysis.demo import DemoAnalysis
+
+    analysis = DemoAnalysis(make_model, out / "analysis", head=["classifier"])
     rows, curves = [], {}
     t0 = time.perf_counter()
     for name in names:
@@ -82,6 +85,7 @@ def run_demo(args) -> list[dict]:
         row["lr"] = cfg.lr
         rows.append(row)
         curves[name] = result.losses
+        analysis.add(name, model)
         if name == "lora":
             from ..io.files import save
 
@@ -99,6 +103,7 @@ def run_demo(args) -> list[dict]:
         "*train mem* = weights + gradients + AdamW state + activations saved for backward on one batch "
         "(activations measured exactly with autograd saved-tensor hooks; deterministic)."
     )
+    notes += analysis.write()
     report = write_report(out, "rankwise demo: stdlib docstrings → module family", rows, curves, notes)
     print(f"\nreport: {report}  plot: {out / 'loss_curves.png'}")
     return rows

@@ -57,6 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("methods", help="list registered methods")
+
+    from .pretrain import add_parser as add_pretrain_parser
+
+    add_pretrain_parser(sub)
+
+    a = sub.add_parser("analyze", help="what fine-tuning changed per layer: spectra, ranks, intruder dimensions, "
+                                       "CKA; writes report.html + report.md")
+    a.add_argument("--base", required=True, help="base model folder or hub id")
+    a.add_argument("--adapter", action="append", help="rankwise or PEFT adapter dir (repeat to compare several)")
+    a.add_argument("--finetuned", action="append", help="fully fine-tuned model folder (repeatable)")
+    a.add_argument("--data", nargs="?", const="stdlib", default=None,
+                   help="CSV/JSONL for the representation measures; alone: stdlib docstrings")
+    a.add_argument("--text-col", default="text")
+    a.add_argument("--label-col", default="label")
+    a.add_argument("--max-examples", type=int, default=128)
+    a.add_argument("--max-length", type=int, default=64)
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--top-k", type=int, default=10, help="intruder dimensions among the top k singular vectors")
+    a.add_argument("--eps", type=float, default=0.5, help="intruder cosine-similarity threshold")
+    a.add_argument("--rank", type=int, default=8, help="r of the amplification factor and subspace similarity")
+    a.add_argument("--layers", default=None, help="regex: analyze only matching layer names")
+    a.add_argument("--randomized", action="store_true", help="randomized SVD of the updates (error in the report)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", default="analysis_report", help="output folder for report.html, report.md, PNGs")
+    a.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -78,6 +103,16 @@ def main(argv=None) -> int:
         from .demo import run_demo
 
         run_demo(args)
+        return 0
+    if args.command == "analyze":
+        from .analyze import run_analyze
+
+        run_analyze(args)
+        return 0
+    if args.command == "pretrain":
+        from .pretrain import run_pretrain
+
+        run_pretrain(args)
         return 0
     if args.command == "finetune":
         from .finetune import run_finetune

@@ -7,6 +7,11 @@ active, unmerged adapter on the running output::
     for name in active:          # additive methods: out = out + ΔW_name x
         out = adapters[name](x, out)
 
+A method that must form ΔW anyway (HiRA's ``W0 ⊙ BA``, Bone's block products) may set
+``computes_base = True``: when it is the first active, unmerged adapter it is called as
+``forward(x, None)`` and returns the whole layer output from one product with ``W0 + ΔW``
+(bias included), which saves the base layer's own matmul in forward and in backward.
+
 For additive methods (LoRA and every method whose update is ``W0 + ΔW``) several active
 adapters sum exactly, and the weight view is ``W0 + Σ ΔW_name``; a method that rescales the
 output (DoRA-like) acts on the running output, so stacking such methods is order-dependent.
@@ -61,10 +66,15 @@ class AdaptedLayer(nn.Module):
             raise
 
     def forward(self, x, *args, **kwargs):
-        out = self.base(x, *args, **kwargs)
-        for name in self.active:
-            if name not in self.merged:
-                out = self.adapters[name](x, out)
+        live = [n for n in self.active if n not in self.merged]
+        if live and not args and not kwargs and getattr(self.adapters[live[0]], "computes_base", False):
+            # the first adapter folds W0 into its own product (one matmul with W0 + ΔW): forward(x, None)
+            out = self.adapters[live[0]](x, None)
+            live = live[1:]
+        else:
+            out = self.base(x, *args, **kwargs)
+        for name in live:
+            out = self.adapters[name](x, out)
         return out
 
     # ---- adapters ------------------------------------------------------------------------
@@ -101,14 +111,14 @@ class AdaptedLayer(nn.Module):
             delta = self.adapters[n].delta_weight().to(self.base.weight.dtype)
             if getattr(self.adapters[n], "reads_base", False):
                 self._merged_delta[n] = delta.detach().clone()
-            self.base.weight.data += delta
+            self.base.weight.add_(delta)  # in place under no_grad: bumps the version counter (caches of W0 see it)
             self.merged.append(n)
 
     @torch.no_grad()
     def unmerge(self, names=None) -> None:
         names = list(reversed(self.merged)) if names is None else [n for n in names if n in self.merged]
         for n in names:
-            self.base.weight.data -= self._delta(n).to(self.base.weight.dtype)
+            self.base.weight.sub_(self._delta(n).to(self.base.weight.dtype))
             self._merged_delta.pop(n, None)
             self.merged.remove(n)
 

@@ -17,6 +17,7 @@ from ..errors import (
     UnsupportedLayerError,
     close_names,
 )
+from . import calibrate
 from .adapted import AdaptedLayer, TrainedCopies
 from .config import AdapterConfig
 from .layers import KINDS, LayerView, kind_of
@@ -215,6 +216,8 @@ def adapt(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     calibration=None,
+    loss_fn=None,
+    module_overrides: dict[str, dict | None] | None = None,
     **hyperparameters,
 ) -> nn.Module:
     """Add adapter ``name`` to ``model`` in place and return ``model``.
@@ -223,6 +226,14 @@ def adapt(
     keyword arguments, or a config object (``rw.LoraConfig(...)``). The base weights are frozen;
     the new adapter (and ``modules_to_save``) are trainable and it becomes the active adapter.
     Randomness comes from ``generator`` (or ``seed``), so the same seed gives the same adapter.
+
+    Data-driven inits (EVA, CorDA, LoRA-GA …) take ``calibration`` — an iterable of model inputs,
+    a :class:`~rankwise.core.calibrate.Batches` with options, or a precomputed
+    :class:`~rankwise.core.calibrate.Calibration` — and, for gradient-based ones,
+    ``loss_fn(model, batch) -> loss`` (see ``core/calibrate.py``). ``module_overrides`` maps a
+    module name to config overrides for that module (``{"layer.0.q": {"rank": 4}}``; ``None``
+    leaves the module out); they are applied after the method's own ``plan`` and saved with
+    the adapter.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adapt() needs an nn.Module; got {type(model).__name__}.")
@@ -243,15 +254,33 @@ def adapt(
     save_mods = _resolve_modules_to_save(model, config.modules_to_save, targets)
 
     # Build every adapter before touching the model: a failure leaves it unchanged.
-    built = []
+    found = []
     for tname in targets:
         m = model.get_submodule(tname)
-        base = m.base if isinstance(m, AdaptedLayer) else m
-        view = m.view if isinstance(m, AdaptedLayer) else LayerView(base, tname)
+        view = m.view if isinstance(m, AdaptedLayer) else LayerView(m, tname)
         view.check_supported(cls.name, cls.kinds)
-        adapter = cls(view, config, generator=generator, calibration=calibration)
-        adapter.to(device=base.weight.device)
+        found.append((tname, m, view))
+    # data-driven inits (core/calibrate.py): collect what the method needs, then its per-module plan
+    calib = calibrate.prepare(model, cls, config, {t: v for t, _, v in found}, calibration, loss_fn)
+    overrides = _module_overrides(cls, config, found, calib, module_overrides, generator)
+    found = [f for f in found if not (f[0] in overrides and overrides[f[0]] is None)]
+    if not found:
+        raise TargetError(f"method '{cls.name}' left out every targeted module (its plan or module_overrides); "
+                          "nothing to adapt. Check the calibration data, the rank budget or module_overrides.")
+    targets = [t for t, _, _ in found]
+    # parameters shared between layers (optional hook, see registry): built once, given to every layer
+    share = getattr(cls, "shared", None)
+    shared = None if share is None else share([v for _, _, v in found], config, generator)
+    extra = {} if share is None else {"shared": shared}
+    built = []
+    for tname, m, view in found:
+        cfg = config.replace(**overrides[tname]) if overrides.get(tname) else config
+        layer_calib = calib[tname] if isinstance(calib, calibrate.Calibration) else calib
+        adapter = cls(view, cfg, generator=generator, calibration=layer_calib, **extra)
+        adapter.to(device=view.weight.device)
         built.append((tname, m, adapter))
+        if isinstance(calib, calibrate.Calibration):
+            calib.release(tname)  # e.g. the layer's calibration gradient: peak memory stays near one layer
 
     # Freeze the base; adapters already on the model (and their modules_to_save) keep their own flags.
     adapter_ids = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
@@ -270,9 +299,32 @@ def adapt(
             m = TrainedCopies(m)
             _set_module(model, mname, m)
         m.add(name)
-    state[name] = {"config": config, "modules": targets, "modules_to_save": save_mods}
+    state[name] = {"config": config, "modules": targets, "modules_to_save": save_mods, "shared": shared,
+                   "overrides": {t: dict(ov) for t, ov in overrides.items() if ov}}
     set_active(model, name)
     return model
+
+
+def _module_overrides(cls, config, found, calib, given, generator=None) -> dict[str, dict | None]:
+    """Per-module config overrides: the method's ``plan`` (not when loading a saved state), then
+    ``given`` on top. ``None`` for a module leaves it out."""
+    names = [t for t, _, _ in found]
+    out: dict[str, dict | None] = {}
+    plan = getattr(cls, "plan", None)
+    if plan is not None and calib is not calibrate.LOAD_STATE:
+        out = dict(plan({t: v for t, _, v in found}, config, calib, generator=generator) or {})
+    for t, ov in (given or {}).items():
+        if t not in names:
+            raise TargetError(f"module_overrides names module '{t}', which this adapter does not target."
+                              + close_names(t, names))
+        out[t] = None if ov is None else {**(out.get(t) or {}), **ov}
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    for t, ov in out.items():
+        bad = sorted(set(ov or {}) - fields)
+        if bad:
+            raise ConfigError(f"module '{t}': overrides {bad} are not options of method '{cls.name}' "
+                              f"(valid: {sorted(fields)}).")
+    return out
 
 
 def _resolve_modules_to_save(model, pats, targets) -> list[str]:
@@ -459,10 +511,14 @@ class Summary(list):
 
 
 def summary(model: nn.Module) -> Summary:
+    """One row per (module, adapter); a tensor shared between layers counts in the first row only."""
     rows = Summary()
+    seen: set[int] = set()
     for lname, layer in adapted_layers(model):
         for aname, ad in layer.adapters.items():
             cfg = ad.config
+            own = [p for p in ad.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in own)
             rows.append({
                 "module": lname,
                 "kind": layer.view.kind,
@@ -470,7 +526,7 @@ def summary(model: nn.Module) -> Summary:
                 "adapter": aname,
                 "method": cfg.method,
                 "rank": getattr(ad, "rank", getattr(cfg, "rank", "-")),
-                "params": sum(p.numel() for p in ad.parameters() if p.requires_grad),
+                "params": sum(p.numel() for p in own),
                 "state": "merged" if aname in layer.merged else ("active" if aname in layer.active else "off"),
             })
     return rows

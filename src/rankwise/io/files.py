@@ -3,10 +3,13 @@
 Layout of a directory written by :func:`save`::
 
     adapter_config.json       format, rankwise version, per adapter: method, config,
-                              adapted modules with kind and base weight shape,
+                              adapted modules with kind, base weight shape and any
+                              per-module config overrides (e.g. EVA's ranks),
                               modules_to_save, and the SHA-256 of the weights file
     adapter_model.safetensors "<adapter>/<module>/<param>" for adapter tensors,
-                              "<adapter>/modules_to_save/<module>/<param>" for saved modules
+                              "<adapter>/modules_to_save/<module>/<param>" for saved modules,
+                              "<adapter>/(shared)/<param>" once for tensors the method shares
+                              between layers (the ``shared`` hook, see the registry)
 
 Both files are written atomically (the directory is built under a temporary name and
 swapped in). :func:`load` checks everything — file integrity, module names, kinds and
@@ -33,6 +36,7 @@ from ..core.api import (
     snapshot,
 )
 from ..core.api import delete as delete_adapter
+from ..core.calibrate import LOAD_STATE
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, CorruptFileError, ShapeMismatchError, TargetError
 from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
@@ -40,6 +44,18 @@ from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_jso
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "rankwise-adapter/1"
+SHARED = "(shared)"  # key segment of tensors shared between layers; no module name has parentheses
+
+
+def _shared_ids(entry: dict) -> set[int]:
+    """Ids of the tensors of an adapter's shared module (saved once, not per layer)."""
+    shared = entry.get("shared")
+    return set() if shared is None else {id(t) for t in shared.state_dict(keep_vars=True).values()}
+
+
+def _own_state(module: nn.Module, skip: set[int]) -> dict[str, torch.Tensor]:
+    """``module``'s state dict (the tensors themselves) without the shared tensors ``skip``."""
+    return {k: t for k, t in module.state_dict(keep_vars=True).items() if id(t) not in skip}
 
 
 def sha256(path: str | Path) -> str:
@@ -63,10 +79,16 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
             raise TargetError(f"model has no adapter '{name}'; it has {sorted(state)}.")
         entry = state[name]
         mods = {}
+        skip = _shared_ids(entry)
+        if entry.get("shared") is not None:
+            for pname, t in entry["shared"].state_dict().items():
+                tensors[f"{name}/{SHARED}/{pname}"] = t
         for mname in entry["modules"]:
             layer = layers[mname]
             mods[mname] = {"kind": layer.view.kind, "weight_shape": list(layer.base.weight.shape)}
-            for pname, t in layer.adapters[name].state_dict().items():
+            if entry.get("overrides", {}).get(mname):  # per-module config (EVA's ranks): load rebuilds it
+                mods[mname]["overrides"] = entry["overrides"][mname]
+            for pname, t in _own_state(layer.adapters[name], skip).items():
                 tensors[f"{name}/{mname}/{pname}"] = t
         for mname in entry["modules_to_save"]:
             for pname, t in saved_module(model, mname, name).state_dict().items():
@@ -167,7 +189,8 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
             config = cls.Config.from_dict(info["config"])
             exact = config.replace(targets=exact_targets(info["modules"]), exclude=None,
                                    modules_to_save=list(info["modules_to_save"]))
-            adapt(model, exact, name=name)
+            per_module = {m: i["overrides"] for m, i in info["modules"].items() if i.get("overrides")}
+            adapt(model, exact, name=name, calibration=LOAD_STATE, module_overrides=per_module)
             added.append(name)
             state[name]["config"] = config
             state[name]["modules_to_save"] = list(info["modules_to_save"])
@@ -179,21 +202,37 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
         raise
     for info, plan in plans:
         _copy(model, info, plan, tensors)
+    layers = dict(adapted_layers(model))
+    for name in names:
+        for mname in saved[name]["modules"]:
+            hook = getattr(layers[mname].adapters[name], "loaded", None)
+            if hook is not None:
+                hook()
     set_active(model, [n for n in names] if active else None)
     return model
 
 
 def _plan(model, name, info, tensors) -> list:
-    """(module, key prefix, module name) for adapter ``name``, every key and shape checked."""
+    """(module, key prefix, module name, shared ids to skip) for adapter ``name``, every key and
+    shape checked; the adapter's shared module (if any) is one entry, copied once."""
     layers = dict(adapted_layers(model))
+    entry = adapter_state(model)[name]
+    skip = _shared_ids(entry)
     plan = []
+    if entry.get("shared") is not None:
+        plan.append((entry["shared"], f"{name}/{SHARED}/", f"{SHARED} (tensors shared between layers)", set()))
+    elif any(k.startswith(f"{name}/{SHARED}/") for k in tensors):
+        raise ShapeMismatchError(
+            f"adapter '{name}' in the file has tensors shared between layers, but method "
+            f"'{info['method']}' builds none. The file comes from another version of the method."
+        )
     for mname in info["modules"]:
-        plan.append((layers[mname].adapters[name], f"{name}/{mname}/", mname))
+        plan.append((layers[mname].adapters[name], f"{name}/{mname}/", mname, skip))
     for mname in info["modules_to_save"]:
-        plan.append((saved_module(model, mname, name), f"{name}/modules_to_save/{mname}/", mname))
+        plan.append((saved_module(model, mname, name), f"{name}/modules_to_save/{mname}/", mname, set()))
     # check every key and shape first, then copy
-    for module, prefix, mname in plan:
-        own = module.state_dict()
+    for module, prefix, mname, skip_ids in plan:
+        own = _own_state(module, skip_ids)
         theirs = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if set(own) != set(theirs):
             raise ShapeMismatchError(
@@ -211,6 +250,6 @@ def _plan(model, name, info, tensors) -> list:
 
 def _copy(model, info, plan, tensors) -> None:
     with torch.no_grad():
-        for module, prefix, _ in plan:
-            for k, v in module.state_dict(keep_vars=True).items():
+        for module, prefix, _, skip_ids in plan:
+            for k, v in _own_state(module, skip_ids).items():
                 v.copy_(tensors[prefix + k])

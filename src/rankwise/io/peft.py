@@ -4,7 +4,10 @@ Generic over the registry: a method that PEFT also has provides ``peft_accepts``
 ``to_peft_config``, ``from_peft_config``, ``peft_tensors``, ``load_peft_tensors`` and
 ``peft_suffixes``; nothing here names a method. Tensor keys follow PEFT:
 ``base_model.model.<module>.<suffix>``; ``modules_to_save`` tensors are
-``base_model.model.<module>.<param>``.
+``base_model.model.<module>.<param>``. A method with tensors shared between layers (the engine's
+``shared`` hook) that PEFT stores once per model (VeRA's ``base_model.vera_A``) adds
+``peft_shared(shared) -> (tensors, config entries)``, ``peft_shared_keys()`` and
+``load_peft_shared(shared, tensors)``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from ..core.api import adapt, adapted_layers, adapter_state, exact_targets, restore, saved_module, snapshot
 from ..core.api import delete as delete_adapter
+from ..core.calibrate import LOAD_STATE
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError
 from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
@@ -50,6 +54,13 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None, bas
         for pname, t in saved_module(model, mname, name).state_dict().items():
             tensors[f"{PREFIX}{mname}.{pname}"] = t
     pcfg = cls.to_peft_config(entry["config"], views)
+    patterns = getattr(cls, "peft_patterns", None)  # per-module ranks/alphas (EVA, module_overrides)
+    if patterns is not None:
+        pcfg.update(patterns(entry["config"], {m: layers[m].adapters[name] for m in entry["modules"]}))
+    if entry.get("shared") is not None and hasattr(cls, "peft_shared"):
+        shared_tensors, shared_cfg = cls.peft_shared(entry["shared"])
+        tensors.update(shared_tensors)
+        pcfg.update(shared_cfg)
     pcfg.update({
         "target_modules": list(entry["modules"]),
         "modules_to_save": list(entry["modules_to_save"]) or None,
@@ -78,13 +89,19 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
             f"PEFT adapter type {pcfg.get('peft_type')!r} in {path} has no rankwise method yet "
             f"(methods with PEFT support: {[m for m in methods() if hasattr(get_method(m), 'peft_accepts')]})."
         )
+    # a method that names the file's init (init_lora_weights="pissa", "eva" …) before the generic one
+    matches.sort(key=lambda m: getattr(get_method(m), "peft_init", None) is None)
     cls = get_method(matches[0])
     suffixes = cls.peft_suffixes()
+    shared_keys = set(cls.peft_shared_keys()) if hasattr(cls, "peft_shared_keys") else set()
+    shared_tensors = {k: t for k, t in tensors.items() if k in shared_keys}
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     saved_mods: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, dict[str, torch.Tensor]] = {}  # PEFT saves targeted embeddings' base weights
     mod_names = {n for n, _ in model.named_modules()}
     for key, t in tensors.items():
+        if key in shared_tensors:
+            continue
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         k = re.sub(r"\.(?:modules_to_save\.[^.]+|original_module)\.", ".", k)
         suffix = next((s for s in suffixes if k.endswith("." + s)), None)
@@ -130,11 +147,17 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     opts = cls.from_peft_config(pcfg)
     targets = exact_targets(sorted(per_module))
     snap = snapshot(model)
-    adapt(model, cls.Config(targets=targets, modules_to_save=sorted(saved_mods), **opts), name=name)
+    module_ov = getattr(cls, "peft_module_overrides", None)  # e.g. EVA's rank_pattern
+    # a data-driven method cannot rerun its init here: the file holds its whole state
+    adapt(model, cls.Config(targets=targets, modules_to_save=sorted(saved_mods), **opts), name=name,
+          calibration=LOAD_STATE if getattr(cls, "calibration_needs", ()) else None,
+          module_overrides=module_ov(pcfg, sorted(per_module)) if module_ov else None)
     try:
         layers = dict(adapted_layers(model))
         for mod, ts in per_module.items():
             layers[mod].adapters[name].load_peft_tensors(ts)
+        if shared_tensors:
+            cls.load_peft_shared(adapter_state(model)[name]["shared"], shared_tensors)
     except Exception:
         delete_adapter(model, name)
         restore(model, snap)

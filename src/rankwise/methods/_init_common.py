@@ -1,0 +1,284 @@
+"""Shared pieces of the weight- and data-driven inits (``pissa``, ``milora``, ``olora``, ``nlora``,
+``corda``, ``eva``).
+
+:class:`InitConfig` — the LoRA hyperparameters they share (rank, alpha, dropout, rsLoRA).
+
+:class:`ResidualLowRank` — the "residual" layout of PiSSA-type methods. PEFT implements them by
+moving a part ``s·B₀A₀`` of ``W0`` into the adapter and *overwriting* the base weight with the
+residual ``W0 − s·B₀A₀``. rankwise never modifies the base weight (``delta_weight()`` is
+``W_adapted − W0`` against the original ``W0``; ``set_active(None)`` and ``unadapt`` give the
+original model back), so the adapter keeps the frozen part it subtracts as buffers::
+
+    ΔW = s · (B A − B₀ A₀),    A, B trainable (start at A₀, B₀),  A₀, B₀ frozen buffers
+
+which is the same model as PEFT's ``(W0 − s·B₀A₀) + s·B A`` at every step, and exactly the
+base model at init. The forward pass computes it as one low-rank product of rank ``2r``::
+
+    ΔW x = s · [B − B₀,  B₀] · [A x;  (A − A₀) x]
+
+whose factors are *exactly* zero where they should be at init (so the adapted output equals the
+base output bitwise), at twice LoRA's adapter FLOPs (4r(in+out) per token, small next to the
+base's in·out). With dropout in training the two parts see different inputs (PEFT drops the
+input of ``B A`` only): ``base_out − s·B₀A₀x + s·B A drop(x)``. ``A₀, B₀`` are saved with the
+adapter (they may come from data or a random sketch, so they cannot always be recomputed).
+
+PEFT format: ``export_peft`` writes the equivalent plain LoRA of rank ``2r`` on the *original*
+base weights — ``lora_A = [A; A₀]``, ``lora_B = [B, −B₀]``, ``lora_alpha`` doubled (×√2 for
+rsLoRA) so the scale is unchanged — which is PEFT's own "convert PiSSA/CorDA/OLoRA to LoRA"
+format (``save_pretrained(path_initial_model_for_weight_conversion=...)``) and loads onto the
+unmodified base model. Methods whose frozen part PEFT can rebuild from ``W0`` alone (``pissa``
+with exact SVD, ``olora``) also import PEFT's own unconverted adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.calibrate import LOAD_STATE
+from ..core.config import AdapterConfig
+from ..core.layers import LayerView
+from ..core.ops import autocast_on, keep_mask
+from ..errors import ConfigError, ShapeMismatchError
+from .lora import Lora, LoraConfig, _branch, _DropoutLinear, _LoraLinear
+
+ALL_KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+
+
+def factor_dtype(view: LayerView) -> torch.dtype:
+    w = view.weight
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
+@dataclass
+class InitConfig(AdapterConfig):
+    """rank: r; alpha: α (default r, so s = 1); dropout: on the adapter's input; rslora: s = α/√r."""
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
+                    "rank", "rank must be a positive integer.")
+        self._check(self.alpha is None or (isinstance(self.alpha, (int, float)) and self.alpha > 0),
+                    "alpha", "alpha must be positive (or None: alpha = rank).")
+        self._check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+                    "dropout", "dropout must be in [0, 1).")
+        self._check(isinstance(self.rslora, bool), "rslora", "use True or False.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else float(self.alpha)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def lowrank_forward(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    scale: float, drop: float = 0.0) -> torch.Tensor:
+    """``base_out + scale · B (A drop(x))`` on any layer kind, never forming ``B A`` — LoRA's forward
+    (``methods/lora.py``: one autograd node on linear layers, saving ``x`` and a 1-byte dropout
+    mask only) with the factors given as tensors (they may be computed, e.g. concatenated)."""
+    linear = view.kind in ("linear", "hf_conv1d")
+    if linear and x.dtype == a.dtype == base_out.dtype and not autocast_on(x.device.type):
+        mask, keep = None, 1.0
+        if drop > 0:
+            keep = 1.0 - drop
+            mask = keep_mask(x, keep)
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
+                                        or base_out.requires_grad):
+            return _LoraLinear.apply(x, base_out, a, b, scale, mask, keep)
+        return _branch(x, base_out, a, b, scale / keep, mask)
+    if x.is_floating_point() and x.dtype != a.dtype:
+        x = x.to(a.dtype)
+    if drop > 0 and linear:
+        keep = 1.0 - drop
+        h = _DropoutLinear.apply(x, a, keep_mask(x, keep), keep)
+    else:
+        if drop > 0 and x.is_floating_point():
+            x = F.dropout(x, drop, training=True)
+        h = view.apply_in(x, a)
+    if linear and base_out.dtype == h.dtype:
+        out2d = torch.addmm(base_out.reshape(-1, b.shape[0]), h.reshape(-1, b.shape[1]), b.t(), alpha=scale)
+        return out2d.view(base_out.shape)
+    return base_out + (view.apply_out(h, b) * scale).to(base_out.dtype)
+
+
+def pattern_key(keys, module: str) -> str | None:
+    """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module`` (PEFT's rule: the
+    key matches the end of the module name on a ``.`` boundary, as a regex)."""
+    hits = [k for k in keys if re.match(rf"(.*\.)?({k})$", module)]
+    return max(hits, key=len) if hits else None
+
+
+class ResidualLowRank(nn.Module):
+    """``ΔW = s·(B A − B₀ A₀)`` with frozen ``A₀, B₀`` (see the module docstring).
+
+    Subclasses compute ``A₀ (r × in)`` and ``B₀ (out × r)`` and call :meth:`_setup`.
+    """
+
+    kinds = ALL_KINDS
+    identity_at_init = True
+    deterministic_init = True  # the init reads W0 (or data) only: the seed does not change it
+    merge_atol = 1e-5
+    reads_base = False
+    default_lr = 3e-4
+
+    def _setup(self, view: LayerView, config: InitConfig, a0: torch.Tensor | None, b0: torch.Tensor | None) -> None:
+        """Register ``A, B`` (trainable copies of ``A₀, B₀``) and the buffers; ``None`` factors
+        (``LOAD_STATE``: the state is loaded next) give zeros of the right shapes."""
+        self.view, self.config, self.rank = view, config, config.rank
+        self.scale, self.drop = config.scale, config.dropout
+        dt = factor_dtype(view)
+        r, n_in, n_out = config.rank, view.in_features, view.out_features
+        if a0 is None:
+            a0, b0 = torch.zeros(r, n_in, dtype=dt), torch.zeros(n_out, r, dtype=dt)
+        a0 = a0.detach().to(dtype=dt, device=view.weight.device).contiguous()
+        b0 = b0.detach().to(dtype=dt, device=view.weight.device).contiguous()
+        if a0.shape != (r, n_in) or b0.shape != (n_out, r):  # pragma: no cover - a subclass bug
+            raise ShapeMismatchError(f"module '{view.name}': init factors {tuple(a0.shape)}, {tuple(b0.shape)} "
+                                     f"do not fit rank {r} and weight {n_out}x{n_in}.")
+        self.lora_A = nn.Parameter(a0.clone())
+        self.lora_B = nn.Parameter(b0.clone())
+        self.register_buffer("init_A", a0)
+        self.register_buffer("init_B", b0)
+
+    # ---- the update in factored form -------------------------------------------------------
+    def trained(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the trained product ``B A``."""
+        return self.lora_A, self.lora_B
+
+    def frozen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A₀, B₀)`` of the frozen product ``B₀ A₀``."""
+        return self.init_A, self.init_B
+
+    def b_diff(self) -> torch.Tensor:
+        """``B − B₀`` (trained minus frozen left factor), exactly zero at init."""
+        return self.lora_B - self.init_B
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)`` with ``ΔW = s · b a`` and both exactly zero-valued where they cancel at init."""
+        a, _ = self.trained()
+        a0, b0 = self.frozen()
+        return torch.cat([a, a - a0]), torch.cat([self.b_diff(), b0], dim=1)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.factors()
+        return self.view.to_param((b @ a) * self.scale)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.drop > 0 and self.training:
+            a0, b0 = self.frozen()
+            a, b = self.trained()
+            base_out = lowrank_forward(self.view, x, base_out, a0, b0, -self.scale)
+            return lowrank_forward(self.view, x, base_out, a, b, self.scale, self.drop)
+        a, b = self.factors()
+        return lowrank_forward(self.view, x, base_out, a, b, self.scale)
+
+    @classmethod
+    def num_params(cls, view: LayerView, config: InitConfig) -> int:
+        return config.rank * (view.in_features + view.out_features)
+
+    # ---- PEFT: export as the equivalent plain LoRA of rank 2r ---------------------------------
+    peft_type = "LORA"
+
+    @classmethod
+    def to_peft_config(cls, config: InitConfig, views: list[LayerView]) -> dict:
+        as_lora = LoraConfig(rank=2 * config.rank, alpha=converted_alpha(config.lora_alpha, config.rslora),
+                             dropout=config.dropout, rslora=config.rslora)
+        pcfg = Lora.to_peft_config(as_lora, views)
+        pcfg["init_lora_weights"] = True
+        return pcfg
+
+    @classmethod
+    def peft_patterns(cls, config: InitConfig, adapters: dict[str, nn.Module]) -> dict:
+        """``rank_pattern`` / ``alpha_pattern`` for modules whose config differs from the adapter's."""
+        ranks, alphas = {}, {}
+        for name, ad in adapters.items():
+            c = ad.config
+            if c.rank != config.rank:
+                ranks[name] = 2 * c.rank
+            if c.lora_alpha != config.lora_alpha or c.rank != config.rank:
+                alphas[name] = converted_alpha(c.lora_alpha, c.rslora)
+        return {"rank_pattern": ranks, "alpha_pattern": alphas}
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        a, b = self.trained()
+        a0, b0 = self.frozen()
+        return lora_peft_tensors(self.view, torch.cat([a, a0]), torch.cat([b, -b0], dim=1))
+
+    # ---- PEFT: import of PEFT's own (unconverted) adapters, for subclasses that accept them ----
+    @classmethod
+    def peft_suffixes(cls) -> tuple[str, ...]:
+        return ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy PEFT's trained ``lora_A``/``lora_B`` into ``A, B``; ``A₀, B₀`` stay as this
+        adapter's init computed them from ``W0`` (what PEFT subtracted from its base weight)."""
+        names = ("lora_embedding_A", "lora_embedding_B") if self.view.kind == "embedding" else (
+            "lora_A.weight", "lora_B.weight")
+        for key, param in zip(names, (self.lora_A, self.lora_B)):
+            t = tensors[key]
+            if t.numel() != param.numel():
+                raise ShapeMismatchError(
+                    f"module '{self.view.name}': PEFT tensor {key} has shape {tuple(t.shape)}, rankwise expects "
+                    f"{tuple(param.shape)} (rank {self.rank}, weight {self.view.out_features}x{self.view.in_features})."
+                )
+        with torch.no_grad():
+            for key, param in zip(names, (self.lora_A, self.lora_B)):
+                param.copy_(tensors[key].reshape(param.shape))
+
+    @classmethod
+    def lora_options_from_peft(cls, pcfg: dict, what: str) -> dict:
+        """rank / alpha / dropout / rslora of a PEFT LoRA config, refusing what rankwise lacks."""
+        for key in ("rank_pattern", "alpha_pattern"):
+            if pcfg.get(key):
+                raise ConfigError(f"PEFT {what} adapter uses {key}={pcfg[key]}; rankwise's {cls.name} has one rank "
+                                  "and alpha per adapter here. Re-export it from PEFT without per-module patterns.")
+        if pcfg.get("bias", "none") != "none" or pcfg.get("lora_bias") or pcfg.get("use_dora"):
+            raise ConfigError(f"PEFT {what} adapter trains biases or uses DoRA; rankwise's {cls.name} does neither.")
+        return {"rank": int(pcfg["r"]), "alpha": float(pcfg["lora_alpha"]),
+                "dropout": float(pcfg.get("lora_dropout") or 0.0), "rslora": bool(pcfg.get("use_rslora"))}
+
+
+def converted_alpha(alpha: float, rslora: bool) -> float:
+    """α of the rank-2r plain LoRA with the same scale as (α, r): 2α, or √2·α with rsLoRA."""
+    return alpha * (math.sqrt(2.0) if rslora else 2.0)
+
+
+def lora_peft_tensors(view: LayerView, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PEFT LoRA tensor names and layouts for factors ``a (k, in)``, ``b (out, k)`` of ``view``."""
+    if view.kind == "embedding":
+        return {"lora_embedding_A": a.detach().contiguous(), "lora_embedding_B": b.detach().contiguous()}
+    if view.kind in ("conv1d", "conv2d"):
+        ks = view.weight.shape[2:]
+        return {"lora_A.weight": a.detach().reshape(a.shape[0], -1, *ks).contiguous(),
+                "lora_B.weight": b.detach().reshape(*b.shape, *([1] * len(ks))).contiguous()}
+    return {"lora_A.weight": a.detach().contiguous(), "lora_B.weight": b.detach().contiguous()}
+
+
+def svd_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float):
+    """PiSSA's split of ``U diag(S) Vh`` into ``A₀ = √(S/s) Vh``, ``B₀ = U √(S/s)`` so that
+    ``s · B₀ A₀ = U diag(S) Vh``."""
+    root = (s / scale).clamp_min(0).sqrt()
+    return root[:, None] * vh, u * root[None, :]
+
+
+def loading(calibration) -> bool:
+    return calibration is LOAD_STATE
+
+
+def planned(calibration, key: str, rank: int):
+    """The factors a method's ``plan`` left for this layer under ``key`` (batched over layers), if
+    they were computed for ``rank`` (``module_overrides`` may give a layer another rank)."""
+    got = getattr(calibration, "extra", {}).get(key)
+    return got if got is not None and got[0].shape[-1] == rank else None

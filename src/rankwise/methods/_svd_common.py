@@ -1,0 +1,118 @@
+"""Shared pieces of the SVD/LDU-based methods (``lora_xs``, ``svft``, ``svfit``, ``spectral``,
+``sorsa``, ``salt``, ``loldu``, ``singlora``, ``lorma``).
+
+* :func:`weight_svd` — the thin SVD ``W0 = U diag(S) Vᵀ`` of a layer's canonical ``(out, in)``
+  matrix, optionally truncated to the top ``rank`` triplets, with a canonical sign per triplet.
+* :func:`low_rank_out` — ``base_out + (layer op with an (k, in) weight) then (out, k) map``, the
+  two thin products every method here reduces to (never an ``out × in`` matrix in ``forward``).
+* :func:`scale_channels`, :func:`coo_channels` — a diagonal / sparse ``k × k`` map on the
+  channel axis of an intermediate ``h`` (last axis; axis 1 for convolutions).
+* :func:`cayley` — an orthogonal ``r × r`` matrix from ``r(r-1)/2`` free parameters.
+
+Frozen factors computed from ``W0`` are registered as *non-persistent* buffers by the methods:
+they are a deterministic function of the base weight (LAPACK's SVD / LU on the same input,
+same build and thread count gives the same bits), so ``rw.save`` stores only what is trained and
+``rw.load`` recomputes the factors from the fresh base model. Sign canonicalization makes the
+factors independent of LAPACK's sign choice; exactly repeated singular values (a rotation
+ambiguity no convention can fix) are the one case where another LAPACK build could pick other
+vectors. Cost: one thin SVD of ``W0`` per adapted layer at adapt/load time,
+``O(out · in · min(out, in))`` (about 40 ms for 384×1536 on one CPU core).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.layers import LayerView
+
+
+def factor_dtype(view: LayerView) -> torch.dtype:
+    """The dtype adapter tensors use: the base weight's if floating, else float32."""
+    w = view.weight
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
+def compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def weight_svd(view: LayerView, rank: int | None = None):
+    """``(U, S, Vt)`` of ``W0 = U diag(S) Vt`` (thin SVD, descending ``S``), top ``rank`` only.
+
+    ``U`` is ``(out, k)``, ``S`` ``(k,)``, ``Vt`` ``(k, in)`` with ``k = min(out, in)`` or ``rank``.
+    Computed in float32 (float64 for float64 weights) and returned in :func:`factor_dtype`.
+    Signs are canonical: the largest-magnitude entry of every column of ``U`` is positive.
+    """
+    w = view.weight2d().detach()
+    w = w.to(compute_dtype(w))
+    u, s, vt = torch.linalg.svd(w, full_matrices=False)
+    if rank is not None:
+        u, s, vt = u[:, :rank], s[:rank], vt[:rank]
+    pick = u.abs().argmax(dim=0)
+    sign = torch.sign(u[pick, torch.arange(u.shape[1], device=u.device)])
+    sign[sign == 0] = 1
+    u, vt = u * sign, vt * sign[:, None]
+    dt = factor_dtype(view)
+    return u.to(dt).contiguous(), s.to(dt).contiguous(), vt.to(dt).contiguous()
+
+
+def scale_channels(h: torch.Tensor, d: torch.Tensor, view: LayerView) -> torch.Tensor:
+    """``h ⊙ d`` with ``d`` (k,) on ``h``'s channel axis (last; axis 1 for convolutions)."""
+    if view.channel_dim == 1:
+        return h * d.view(1, -1, *([1] * (h.dim() - 2)))
+    return h * d
+
+
+def coo_channels(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                 view: LayerView, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``M h`` on the channel axis for a sparse ``M`` given as COO ``(rows, cols, vals)``:
+    ``out[..., i] += Σ_{(i, j)} M_ij h[..., j]`` (``out`` defaults to zeros). Cost: O(N · nnz)."""
+    dim = 1 if view.channel_dim == 1 else h.dim() - 1
+    picked = scale_channels(h.index_select(dim, cols), vals, view)
+    if out is None:
+        out = torch.zeros_like(h)
+    return out.index_add(dim, rows, picked)
+
+
+def low_rank_out(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a2d: torch.Tensor,
+                 b2d: torch.Tensor, mid=None) -> torch.Tensor:
+    """``base_out + B · mid(A x)`` with ``A (k, in)`` applied as the layer's own operation
+    (linear / conv / embedding lookup) and ``B (out, k)`` as a map on the channel axis.
+
+    ``mid`` (optional) acts on the ``k``-channel intermediate. For linear layers the last step
+    is one fused ``addmm`` into ``base_out``; when ``B`` is exactly zero the result equals
+    ``base_out`` bitwise.
+    """
+    if x.is_floating_point() and x.dtype != a2d.dtype:
+        x = x.to(a2d.dtype)
+    h = view.apply_in(x, a2d)
+    if mid is not None:
+        h = mid(h)
+    if view.kind in ("linear", "hf_conv1d") and base_out.dtype == h.dtype == b2d.dtype:
+        out2d = torch.addmm(base_out.reshape(-1, b2d.shape[0]), h.reshape(-1, b2d.shape[1]), b2d.t())
+        return out2d.view(base_out.shape)
+    return base_out + view.apply_out(h, b2d).to(base_out.dtype)
+
+
+def num_skew(r: int) -> int:
+    """Free parameters of an ``r × r`` skew-symmetric matrix."""
+    return r * (r - 1) // 2
+
+
+def cayley(free: torch.Tensor, r: int) -> torch.Tensor:
+    """Orthogonal ``R = (I - Q)⁻¹ (I + Q)`` with skew ``Q`` built from ``free`` (its strict upper
+    triangle, ``r(r-1)/2`` entries). ``free = 0`` gives exactly ``I``; ``det R = +1`` always."""
+    eye = torch.eye(r, dtype=free.dtype, device=free.device)
+    if r < 2:
+        return eye + 0 * free.sum()  # keeps ``free`` (empty) in the graph
+    iu = torch.triu_indices(r, r, offset=1, device=free.device)
+    upper = torch.zeros(r, r, dtype=free.dtype, device=free.device).index_put((iu[0], iu[1]), free)
+    q = upper - upper.t()
+    return torch.linalg.solve(eye - q, eye + q)
+
+
+def check_rank_fits(view: LayerView, rank: int | None, limit: int | None = None) -> int:
+    """``rank`` clamped to ``limit`` (default ``min(out, in)``); ``None`` means the limit."""
+    lim = min(view.out_features, view.in_features) if limit is None else limit
+    return lim if rank is None else min(rank, lim)

@@ -1,0 +1,111 @@
+"""EDoRA: Efficient Weight-Decomposed Low-Rank Adaptation via SVD (Nasiri & Garraghan, 2025,
+arXiv:2501.12067).
+
+DoRA's decomposition with frozen SVD factors and a small trainable core between them::
+
+    W = diag(m) (W0 + s·B R A) / ‖W0 + s·B R A‖_row,     W0 ≈ U_r diag(S_r) V_rᵀ  (top r)
+    B = U_r (out × r),  A = diag(S_r) V_rᵀ (r × in)   frozen;   R ∈ R^{r×r},  m ∈ R^out  trained
+
+as in the authors' code (built on LoRA-XS: ``A`` carries the singular values, ``B`` the left
+singular vectors). Init: ``R ~ N(0, init_std²)`` (the reference's ``σ = 1e-5``; ``init_std=0``
+gives an exact identity at init), ``m = ‖W0‖_row``; ``s = α/r``. The norm is detached in
+backward, as in DoRA/PEFT.
+
+Cost: ``W0 Aᵀ`` and ``A Aᵀ`` depend only on frozen tensors and are cached (recomputed only when
+``W0`` changes), so the per-step norm ``‖W0‖² + 2s⟨W0, BRA⟩ + s²‖BRA‖²`` costs ``O(out·r²)``;
+the activation view is DoRA's (``x → A x → R → B``), never forming ``B R A``.
+
+``A`` and ``B`` are non-persistent buffers: a deterministic function of ``W0`` (thin SVD with a
+canonical sign per triplet, see ``_svd_common``), recomputed by ``rw.load`` from the fresh base,
+so files hold only ``R`` and ``m``. Parameters per layer: ``r² + out``. Every layer kind works
+(convolutions and embeddings through their canonical ``out × in`` matrix).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.layers import LayerView
+from ..core.registry import register
+from ._dora_common import BaseStats, dora_forward, row_norm_sq
+from ._svd_common import weight_svd
+
+
+@dataclass
+class EdoraConfig(AdapterConfig):
+    """rank: r (SVD rank of the frozen factors, size of the trained r×r core); alpha: s = α/r
+    (None: α = r); init_std: standard deviation of the core's Gaussian init (0: exact identity)."""
+
+    rank: int = 8
+    alpha: float | None = None
+    init_std: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
+                    "rank", "rank must be a positive integer.")
+        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
+        self._check(math.isfinite(self.init_std) and self.init_std >= 0, "init_std",
+                    "init_std must be a finite number ≥ 0 (the reference uses 1e-5).")
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
+
+
+@register("edora")
+class Edora(nn.Module):
+    """DoRA with frozen SVD factors and a trainable ``r × r`` core (see module docstring)."""
+
+    Config = EdoraConfig
+    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    summary = "DoRA with frozen SVD factors U_r, S_rV_rᵀ and a trained r×r core + magnitudes (Nasiri 2025)"
+    identity_at_init = False  # R starts at N(0, init_std²), not 0 (init_std=0 is exact)
+    reads_base = True
+    merge_atol = 1e-5
+    default_lr = 1e-2
+    demo_options = {"rank": 16}
+
+    def __init__(self, view: LayerView, config: EdoraConfig, generator=None, calibration=None):
+        super().__init__()
+        view.check_rank(config.rank, "edora")
+        self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
+        u, s, vt = weight_svd(view, config.rank)
+        self.register_buffer("edora_B", u, persistent=False)
+        self.register_buffer("edora_A", s[:, None] * vt, persistent=False)
+        r = config.rank
+        self.edora_R = nn.Parameter(torch.zeros(r, r, dtype=u.dtype))
+        if config.init_std > 0:
+            with torch.no_grad():
+                self.edora_R.normal_(0.0, config.init_std, generator=generator)
+        self.stats = BaseStats(view)
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(self.stats.w0sq(u.dtype).sqrt())
+
+    @classmethod
+    def num_params(cls, view: LayerView, config: EdoraConfig) -> int:
+        return config.rank * config.rank + view.out_features
+
+    def scale_vector(self, b_eff: torch.Tensor) -> torch.Tensor:
+        a = self.edora_A
+        w0a, aat = self.stats.projections(a)
+        return self.magnitude / row_norm_sq(self.stats.w0sq(a.dtype), w0a, aat, b_eff, self.scale).sqrt()
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        b_eff = self.edora_B @ self.edora_R  # out × r
+        return dora_forward(self.view, x, base_out, self.edora_A, b_eff, self.scale_vector(b_eff), self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        b_eff = self.edora_B @ self.edora_R
+        g = self.scale_vector(b_eff)
+        w0 = self.view.weight2d().detach().to(g.dtype)
+        return self.view.to_param((g - 1)[:, None] * w0 + (g * self.scale)[:, None] * (b_eff @ self.edora_A))
+
+    def clear_cache(self) -> None:
+        """Forget cached ``W0`` statistics (needed only after editing ``W0`` through ``.data``)."""
+        self.stats.clear()

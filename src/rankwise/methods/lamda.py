@@ -1,0 +1,194 @@
+"""LaMDA: spectrally decomposed low-dimensional adaptation (Azizi, Kundu, Pedram, EMNLP Findings
+2024, arXiv:2406.12832).
+
+A LoRA path with a trainable ``r × r`` *low-dimensional adapter* ``S`` between two projections::
+
+    ΔW = s · B S A,     A ∈ R^{r×in} (PMA, frozen),  S ∈ R^{r×r} (trainable),  B ∈ R^{out×r} (PMB)
+
+``A`` is frozen from the start; ``B`` trains at first and is frozen gradually, one rank
+component (column) at a time, during the first ``freeze_steps`` optimizer steps, after which only
+``S`` trains — ``r²`` parameters per layer, independent of the layer's width. The projections
+start from the spectrum of ``W0 = U Σ Vᵀ``: ``A = V_rᵀ``, ``B = U_r`` (top-``r`` singular vectors),
+and ``S = 0``, so the adapted model equals the base exactly at init.
+
+Freezing schedule (call :func:`freeze_step` after each ``optimizer.step()``, or once with any
+step count): component ``j`` (0-based, in the order ``freeze_order`` — by default the one with the
+largest singular value first) is frozen once ``step ≥ ⌈freeze_steps · (j+1) / r⌉``. A frozen
+column keeps the value it had when frozen (a frozen copy is used from then on, so momentum or
+weight decay in the optimizer cannot move it); once every column is frozen ``B`` stops requiring
+gradients, so backward no longer computes its ``out × r`` gradient. ``freeze_steps = 0`` freezes
+``B`` at init (pure low-dimensional adaptation). The state is saved with the adapter, and
+``rw.load`` restores it (the ``loaded`` hook).
+
+Choices (stated; the paper's text leaves them open): the adapter is additive on a frozen,
+unchanged ``W0`` (no residual ``W0 − B S A`` is formed), so ``S`` starts at 0; the freezing order
+and the linear spacing of the per-column freeze steps are options/assumptions. LaMDA++'s
+spectrum-based rank allocation is not implemented.
+
+The top singular vectors come from a randomized SVD (Halko, Martinsson & Tropp 2011) with the
+caller's generator: range sketch of width ``k = min(r + 8, out, in)`` and two power iterations,
+``O(out · in · k)`` instead of a full SVD's ``O(out · in · min(out, in))``. When
+``k = min(out, in)`` the sketch spans the whole range and the vectors are exact; otherwise the
+error of the captured subspace decays like ``(σ_{k+1} / σ_r)^{5}``. Singular-vector signs are
+arbitrary in any SVD; here they follow the random sketch, so another seed gives another (equally
+valid) sign pattern.
+
+Activation view: ``base_out + s · (B S) (A x)`` — ``B S`` is ``out × r``, so the cost is LoRA's.
+
+Parameters per layer at init: ``r² + out · r`` (``r²`` once ``B`` is frozen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.api import adapted_layers, adapter_state
+from ..core.config import AdapterConfig
+from ..core.layers import LayerView
+from ..core.registry import register
+from ..errors import AdapterNotFoundError, ConfigError
+from ._shared_common import float_kw, low_rank_forward, positive_int
+
+
+@dataclass
+class LamdaConfig(AdapterConfig):
+    """rank: r; alpha: s = α/r (None: α = r); freeze_steps: optimizer steps over which B is frozen
+    column by column (0: frozen from the start); freeze_order: 'largest' | 'smallest' singular
+    value first."""
+
+    rank: int = 8
+    alpha: float | None = None
+    freeze_steps: int = 100
+    freeze_order: str = "largest"
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int(self, "rank")
+        positive_int(self, "freeze_steps", allow_zero=True)
+        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
+        self._check(self.freeze_order in ("largest", "smallest"), "freeze_order",
+                    "use 'largest' (freeze the components of the largest singular values first) or 'smallest'.")
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
+
+
+def top_singular(w: torch.Tensor, r: int, generator=None, oversample: int = 8, iters: int = 2):
+    """``(U_r, σ_r, V_rᵀ)`` of ``w`` by randomized subspace iteration (see module docstring)."""
+    m, n = w.shape
+    k = min(r + oversample, m, n)
+    omega = torch.randn(n, k, generator=generator, dtype=w.dtype).to(w.device)
+    q = torch.linalg.qr(w @ omega).Q
+    for _ in range(iters):
+        q = torch.linalg.qr(w.t() @ q).Q
+        q = torch.linalg.qr(w @ q).Q
+    ub, s, vh = torch.linalg.svd(q.t() @ w, full_matrices=False)
+    return (q @ ub)[:, :r], s[:r], vh[:r]
+
+
+@register("lamda")
+class Lamda(nn.Module):
+    """``s · B S A`` with frozen spectral ``A``, trainable core ``S``, gradually frozen ``B``."""
+
+    Config = LamdaConfig
+    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    summary = "ΔW = s·B S A: frozen spectral A, r×r trainable S, B frozen gradually (Azizi et al. 2024)"
+    identity_at_init = True
+    merge_atol = 1e-5
+    default_lr = 3e-3
+
+    def __init__(self, view: LayerView, config: LamdaConfig, generator=None, calibration=None):
+        super().__init__()
+        view.check_rank(config.rank, "lamda")
+        r = config.rank
+        self.view, self.config, self.rank, self.scale = view, config, r, config.scale
+        kw = float_kw(view)
+        with torch.no_grad():
+            w = view.weight2d().detach()
+            w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+            u, _, vh = top_singular(w, r, generator)
+        self.register_buffer("lamda_A", vh.to(**kw).contiguous())
+        self.lamda_B = nn.Parameter(u.to(**kw).contiguous())
+        self.lamda_S = nn.Parameter(torch.zeros(r, r, **kw))
+        self.register_buffer("lamda_B_frozen", self.lamda_B.detach().clone())
+        self.register_buffer("lamda_frozen", torch.zeros(r, dtype=torch.bool))
+        self._n_frozen: int | None = 0  # host-side count of frozen columns (None: read the buffer)
+        if config.freeze_steps == 0:
+            self.freeze_due(0)
+
+    @classmethod
+    def num_params(cls, view: LayerView, config: LamdaConfig) -> int:
+        r = config.rank
+        return r * r + (view.out_features * r if config.freeze_steps > 0 else 0)
+
+    # ---- freezing -----------------------------------------------------------------------------
+    def frozen_columns(self) -> int:
+        """How many columns of ``B`` are frozen (kept on the host: forward never syncs a device)."""
+        if self._n_frozen is None:
+            self._n_frozen = int(self.lamda_frozen.sum())
+        return self._n_frozen
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._n_frozen = None
+
+    @torch.no_grad()
+    def freeze_due(self, step: int) -> int:
+        """Freeze the columns of ``B`` the schedule has reached by optimizer step ``step``;
+        return how many are frozen."""
+        r, total = self.rank, self.config.freeze_steps
+        due = r if total == 0 else min(r, (step * r) // total)
+        order = torch.arange(r) if self.config.freeze_order == "largest" else torch.arange(r - 1, -1, -1)
+        cols = order[:due].to(self.lamda_frozen.device)
+        new = cols[~self.lamda_frozen[cols]]
+        if new.numel():
+            self.lamda_B_frozen[:, new] = self.lamda_B.detach()[:, new]
+            self.lamda_frozen[new] = True
+        self.loaded()
+        return self.frozen_columns()
+
+    def loaded(self) -> None:
+        """Re-read the frozen state (after ``rw.load`` copied the buffers); once every column is
+        frozen, ``B`` stops requiring gradients."""
+        self._n_frozen = None
+        if self.frozen_columns() == self.rank and self.lamda_B.requires_grad:
+            self.lamda_B.requires_grad_(False)
+            self.lamda_B.grad = None
+
+    def _b(self) -> torch.Tensor:
+        n = self.frozen_columns()
+        if n == self.rank:
+            return self.lamda_B_frozen
+        if n == 0:
+            return self.lamda_B
+        return torch.where(self.lamda_frozen, self.lamda_B_frozen, self.lamda_B)
+
+    # ---- the two views ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return low_rank_forward(self.view, x, base_out, self.lamda_A, self._b() @ self.lamda_S, self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.view.to_param((self._b() @ self.lamda_S @ self.lamda_A) * self.scale)
+
+
+def freeze_step(model: nn.Module, step: int, name: str | None = None) -> dict[str, int]:
+    """Advance LaMDA's freezing schedule of every lamda adapter (or adapter ``name``) to optimizer
+    step ``step`` (call it after ``optimizer.step()``). Returns {module name: frozen columns}."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"freeze_step: step={step!r} must be a non-negative integer (the optimizer step count).")
+    state = adapter_state(model)
+    if name is not None and name not in state:
+        raise AdapterNotFoundError(f"model has no adapter '{name}'; it has {sorted(state) or 'none'}.")
+    names = [n for n, e in state.items() if e["config"].method == "lamda"] if name is None else [name]
+    if name is not None and state[name]["config"].method != "lamda":
+        raise ConfigError(f"adapter '{name}' is a {state[name]['config'].method} adapter, not lamda.")
+    out = {}
+    for lname, layer in adapted_layers(model):
+        for n in names:
+            if n in layer.adapters:
+                out[lname] = layer.adapters[n].freeze_due(step)
+    return out

@@ -1,0 +1,58 @@
+"""MiLoRA: Minor singular component LoRA (Wang et al., 2024, arXiv:2406.09044).
+
+The mirror image of PiSSA: the adapter starts from the *smallest* ``r`` singular triplets of
+``W0 = U S Vᵀ``, which the paper argues carry noise or long-tail knowledge, while the principal
+subspace — the pretrained knowledge — stays frozen::
+
+    A₀ = √(S_min / s) V_minᵀ   (r × in),     B₀ = U_min √(S_min / s)   (out × r),   s = α / r
+
+so ``s · B₀ A₀ = U_min S_min V_minᵀ`` and ``W0 − s·B₀A₀`` is exactly the top ``min(m,n) − r``
+part of ``W0``. As for PiSSA, rankwise keeps ``W0`` untouched and the adapter holds ``A₀, B₀``
+(``ΔW = s·(B A − B₀ A₀)``, ``_init_common.py``), so the adapted model is the base model exactly
+at init. The minor components need the full SVD (a randomized sketch finds the top of the
+spectrum only); all target layers of one shape are factored in one batched call.
+
+Parameters per layer: ``r · (in + out)``. PEFT has no MiLoRA; ``export_peft`` writes the
+equivalent rank-``2r`` LoRA on the original base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.layers import LayerView
+from ..core.registry import register
+from ._init_common import InitConfig, ResidualLowRank, loading, planned, svd_factors
+from .pissa import weight_svds
+
+
+@dataclass
+class MiloraConfig(InitConfig):
+    """rank, alpha, dropout, rslora as LoRA; the adapter starts at the minor singular components."""
+
+
+@register("milora")
+class Milora(ResidualLowRank):
+    """``ΔW = s·(BA − B₀A₀)``, ``B₀A₀`` the bottom-r SVD part of ``W0`` (see module docstring)."""
+
+    Config = MiloraConfig
+    summary = "A,B from the smallest r singular triplets of W0, principal part frozen (Wang et al. 2024)"
+
+    @classmethod
+    def plan(cls, views, config: MiloraConfig, calibration, generator=None) -> dict:
+        for v in views.values():
+            v.check_rank(config.rank, cls.name)
+        for name, usv in weight_svds(views, config.rank, smallest=True).items():
+            calibration[name].extra["svd"] = usv
+        return {}
+
+    def __init__(self, view: LayerView, config: MiloraConfig, generator=None, calibration=None):
+        super().__init__()
+        view.check_rank(config.rank, self.name)
+        a0 = b0 = None
+        if not loading(calibration):
+            usv = planned(calibration, "svd", config.rank)
+            if usv is None:
+                usv = weight_svds({view.name: view}, config.rank, smallest=True)[view.name]
+            a0, b0 = svd_factors(*usv, config.scale)
+        self._setup(view, config, a0, b0)

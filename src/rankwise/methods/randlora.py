@@ -1,0 +1,324 @@
+"""RandLoRA: full-rank parameter-efficient fine-tuning of large models (Albert, Zhang, Ranasinghe,
+Caetano, Lucey & Gould, ICLR 2025, arXiv:2502.00987), in PEFT 0.21's parametrization.
+
+A sum of ``n = ⌈min(out, in)/r⌉`` frozen random rank-``r`` bases, each with trained diagonal
+scalings, so the update can reach full rank with few trained parameters. With ``d = min(out, in)``
+and ``D = max(out, in)``::
+
+    Â = flatten_{(i,b)}( λ[i,b] · A[i,:] ⊙ γ[b,:] ) ∈ R^{(r·n) × d}   (one shared A ∈ R^{r×d})
+    B̂ = flatten_{(b,i)}( B[:, b, i] )               ∈ R^{D × (n·r)}   (B ∈ R^{D×n×r})
+    ΔW = s · B̂ Â     if in = d,     ΔW = s · (B̂ Â)ᵀ    otherwise;     s = α / r  (α = 20·r by default)
+
+``A``, ``B`` frozen, ``λ ∈ R^{r×n}`` and ``γ ∈ R^{n×d}`` trained. The two flattenings index the
+``r·n`` columns differently (``i·n + b`` against ``b·r + i``), exactly as PEFT does, so weights move
+between the two libraries unchanged; each column is still a product of one random ``D``-vector,
+one random ``d``-vector and two trained scalings, and ``r·n ≥ d`` such terms make ``ΔW`` full rank
+(the paper's point; tested). Init (PEFT): ``λ = 0`` (so ``ΔW = 0``: the adapted model equals the
+base), ``γ = 1/max(n, d)``.
+
+The bases are shared by all layers of an adapter, sliced from one pair sized for the largest
+layer (``A[:, :, :d]``, ``B[:D, :n, :]``), and generated exactly as PEFT does from
+``projection_seed``: Kaiming-uniform (``a = √5``) in bfloat16, each divided by its standard
+deviation (``sparse``/``very_sparse``: ternary ``{-1, 0, 1}`` bases, also normalized). PEFT uses
+float16 instead where ``accelerate`` reports no bfloat16 support; rankwise always uses bfloat16.
+
+Activation view: ``Â`` (an ``(r·n) × d`` matrix, about ``d × d``) is formed from ``λ, A, γ`` by one
+autograd node that saves only the small factors. The update is full rank, so for large batches
+one product with ``W0 + ΔW`` is cheaper than the two thin products ``x → Â → B̂`` (about
+``2·N·d·D`` flops): on linear layers with more tokens ``N`` than ``d`` the adapter forms ``ΔW``
+(``D·d·r·n ≈ D·d²`` flops) and, as the first adapter of the layer, replaces the base matmul with
+one product with ``W0 + ΔW`` (``computes_base``); otherwise it uses the thin products.
+
+Parameters per layer: ``r·n + n·d``. Storage: the trained tensors and, once per adapter, the key
+``(seed, max_out, max_in)`` (``save_projection=True``: the bases too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.layers import LayerView
+from ..core.registry import register
+from ..errors import ConfigError, ShapeMismatchError
+from ._shared_bases import SeededBases, draw_seed, largest_dims
+
+
+@dataclass
+class RandloraConfig(AdapterConfig):
+    """rank: r of each random basis (fewer trained parameters as r grows: n = ⌈min(out,in)/r⌉ bases);
+    alpha: s = α/r (None: α = 20·r, s = 20: PEFT's 640 at its r = 32); dropout: on the adapter's input;
+    projection_seed: seed of the shared bases (None: drawn from the adapter's generator);
+    save_projection: store the bases in saved files; sparse / very_sparse: ternary bases."""
+
+    rank: int = 32
+    alpha: float | None = None
+    dropout: float = 0.0
+    projection_seed: int | None = None
+    save_projection: bool = False
+    sparse: bool = False
+    very_sparse: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
+                    "rank", "rank must be a positive integer.")
+        self._check(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0), "alpha",
+                    "alpha must be a positive number (or None: 20·rank, as PEFT recommends).")
+        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
+        self._check(self.projection_seed is None or (isinstance(self.projection_seed, int)
+                                                     and 0 <= self.projection_seed < 2**63),
+                    "projection_seed", "use None (drawn from the generator) or an integer in [0, 2**63).")
+
+    @property
+    def randlora_alpha(self) -> float:
+        """α in effect: ``alpha``, or 20·rank when None (kept None so a rank override follows)."""
+        return 20.0 * self.rank if self.alpha is None else float(self.alpha)
+
+    @property
+    def scale(self) -> float:
+        return self.randlora_alpha / self.rank
+
+
+def num_bases(d: int, rank: int) -> int:
+    """``n = ⌈d / r⌉``: enough rank-``r`` bases for a full-rank ``d``-dimensional update."""
+    return -(-d // rank)
+
+
+class RandloraBases(SeededBases):
+    """The shared ``A (r × 1 × d_max)`` and ``B (D_max × n_max × r)``; ``key = (seed, max_out, max_in)``."""
+
+    def __init__(self, key, rank: int, sparse: bool, very_sparse: bool, persistent: bool = False):
+        self.rank, self.sparse, self.very_sparse = rank, sparse, very_sparse
+        super().__init__(key, persistent)
+
+    def generate(self, key):
+        seed, n_out, n_in = key
+        r = self.rank
+        big, small = max(n_out, n_in), min(n_out, n_in)
+        n = num_bases(small, r)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        if self.sparse or self.very_sparse:  # PEFT: very_sparse takes precedence
+            sparsity = math.sqrt(small) if self.very_sparse else 3
+            a = torch.rand((r, 1, small), generator=g)
+            b = torch.rand((big, n, r), generator=g)
+            a, b = (self._ternary(t, sparsity) for t in (a, b))
+        else:
+            a = nn.init.kaiming_uniform_(torch.empty((r, 1, small), dtype=torch.bfloat16), a=math.sqrt(5), generator=g)
+            b = torch.cat([nn.init.kaiming_uniform_(torch.empty((big, 1, r), dtype=torch.bfloat16), a=math.sqrt(5),
+                                                    generator=g) for _ in range(n)], dim=1)
+        return {"randlora_A": (a / a.std()).float(), "randlora_B": (b / b.std()).float()}
+
+    @staticmethod
+    def _ternary(u: torch.Tensor, sparsity: float) -> torch.Tensor:
+        t = torch.zeros(u.shape)
+        t[u < 1 / (2 * sparsity)] = -1
+        t[u > 1 - 1 / (2 * sparsity)] = 1
+        return t
+
+
+class _ScaledBasis(torch.autograd.Function):
+    """``Â[i, b, :] = λ[i, b] · A[i, :] ⊙ γ[b, :]`` (``r × n × d``); saves only ``A``, ``λ``, ``γ``."""
+
+    @staticmethod
+    def forward(ctx, a, lam, gamma):
+        ctx.save_for_backward(a, lam, gamma)
+        return lam[:, :, None] * a[:, None, :] * gamma[None, :, :]
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, lam, gamma = ctx.saved_tensors
+        grad_lam = grad_gamma = None
+        if ctx.needs_input_grad[1]:
+            grad_lam = torch.einsum("ibj,ij,bj->ib", grad, a, gamma)
+        if ctx.needs_input_grad[2]:
+            grad_gamma = torch.einsum("ibj,ij,ib->bj", grad, a, lam)
+        return None, grad_lam, grad_gamma
+
+
+def _set_bases(bases: RandloraBases, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    """Take PEFT's bases ``A (r × 1 × d_max)``, ``B (D_max × n_max × r)`` as the shared bases (checked)."""
+    r, n_out, n_in = bases.rank, int(bases.key[1]), int(bases.key[2])
+    big, small = max(n_out, n_in), min(n_out, n_in)
+    if (a.dim() != 3 or b.dim() != 3 or a.shape[0] != r or a.shape[1] != 1 or b.shape[2] != r
+            or a.shape[2] < small or b.shape[0] < big or b.shape[1] < num_bases(small, r)):
+        raise ShapeMismatchError(
+            f"{where}: PEFT RandLoRA bases have shapes randlora_A {tuple(a.shape)}, randlora_B {tuple(b.shape)}; "
+            f"the adapted layers need at least ({r}, 1, {small}) and ({big}, {num_bases(small, r)}, {r}). "
+            "Load the adapter onto the model it was trained on."
+        )
+    with torch.no_grad():
+        bases.randlora_A = a.to(bases.randlora_A.dtype).clone()
+        bases.randlora_B = b.to(bases.randlora_B.dtype).clone()
+    bases._stamp = bases._key_stamp()
+
+
+@register("randlora")
+class Randlora(nn.Module):
+    """Full-rank update from scaled shared random bases (see module docstring)."""
+
+    Config = RandloraConfig
+    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    summary = "ΔW = s·Σ_b B_b diag(λ_b) A diag(γ_b): shared random bases, full rank (Albert et al. 2025)"
+    identity_at_init = True
+    computes_base = True
+    merge_atol = 1e-5
+    default_lr = 1e-3
+    demo_options = {"rank": 32}
+
+    @classmethod
+    def shared(cls, views: list[LayerView], config: RandloraConfig, generator=None) -> RandloraBases:
+        seed = draw_seed(generator) if config.projection_seed is None else config.projection_seed
+        n_out, n_in = largest_dims(views)
+        return RandloraBases([seed, n_out, n_in], config.rank, config.sparse, config.very_sparse,
+                             persistent=config.save_projection)
+
+    def __init__(self, view: LayerView, config: RandloraConfig, generator=None, calibration=None, shared=None):
+        super().__init__()
+        if shared is None:
+            shared = self.shared([view], config, generator)
+        self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
+        self.bases = shared
+        self.small, self.big = min(view.in_features, view.out_features), max(view.in_features, view.out_features)
+        self.n = num_bases(self.small, config.rank)
+        w = view.weight
+        kw = {"dtype": w.dtype if w.is_floating_point() else torch.float32}
+        self.randlora_lambda = nn.Parameter(torch.zeros(config.rank, self.n, **kw))
+        self.randlora_gamma = nn.Parameter(torch.full((self.n, self.small), 1.0 / max(self.n, self.small), **kw))
+        self.drop = config.dropout
+
+    @classmethod
+    def num_params(cls, view: LayerView, config: RandloraConfig) -> int:
+        d = min(view.in_features, view.out_features)
+        n = num_bases(d, config.rank)
+        return config.rank * n + n * d
+
+    def loaded(self) -> None:
+        self.bases.refresh()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first (k × in), second (out × k))`` with ``ΔW = s · second @ first``, ``k = r·n``."""
+        self.bases.refresh()
+        lam = self.randlora_lambda
+        a = self.bases.randlora_A[:, 0, : self.small].to(lam.dtype)
+        b = self.bases.randlora_B[: self.big, : self.n, :].to(lam.dtype)
+        a_hat = _ScaledBasis.apply(a, lam, self.randlora_gamma).reshape(-1, self.small)  # (r·n) × d
+        b_hat = b.reshape(self.big, -1)  # D × (n·r)
+        if self.view.in_features == self.small:
+            return a_hat, b_hat
+        return b_hat.t(), a_hat.t()
+
+    def delta2d(self) -> torch.Tensor:
+        first, second = self.factors()
+        return (second @ first) * self.scale
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
+        v = self.view
+        lam = self.randlora_lambda
+        if x.is_floating_point() and x.dtype != lam.dtype:
+            x = x.to(lam.dtype)
+        xa = torch.nn.functional.dropout(x, self.drop, training=True) if self.drop > 0 and self.training else x
+        linear = v.kind in ("linear", "hf_conv1d")
+        tokens = x.numel() // v.in_features if linear else 0
+        if linear and tokens > self.small:  # dense: one product with ΔW (or W0 + ΔW) is cheaper
+            delta = self.delta2d()
+            w0 = v.weight2d()
+            if base_out is None and xa is x:
+                return v.functional(x, w0 + delta.to(w0.dtype))
+            out = v.functional(xa, delta, bias=False)
+            if base_out is None:
+                return v.functional(x, w0) + out.to(w0.dtype)
+            return base_out + out.to(base_out.dtype)
+        if base_out is None:
+            base_out = v.functional(x, v.weight2d())
+        first, second = self.factors()
+        h = v.apply_in(xa, first)
+        return base_out + (v.apply_out(h, second) * self.scale).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.view.to_param(self.delta2d())
+
+    # ---- PEFT format (used by rankwise.io.peft) -------------------------------------------
+    peft_type = "RANDLORA"
+
+    @classmethod
+    def peft_accepts(cls, pcfg: dict) -> bool:
+        return pcfg.get("peft_type") == "RANDLORA"
+
+    @classmethod
+    def to_peft_config(cls, config: RandloraConfig, views: list[LayerView]) -> dict:
+        other = sorted({v.kind for v in views} - {"linear", "hf_conv1d"})
+        if other:
+            raise ConfigError(
+                f"randlora adapts {other} layers here ({', '.join(v.name for v in views if v.kind in other)[:200]}); "
+                "PEFT's RandLoRA supports Linear and Conv1D layers only. Save this adapter with rw.save() instead."
+            )
+        return {
+            "peft_type": "RANDLORA",
+            "r": config.rank,
+            "randlora_alpha": config.randlora_alpha,
+            "randlora_dropout": config.dropout,
+            "projection_prng_key": config.projection_seed,  # the drawn seed comes from peft_shared
+            "save_projection": True,
+            "sparse": config.sparse,
+            "very_sparse": config.very_sparse,
+            "fan_in_fan_out": any(v.kind == "hf_conv1d" for v in views),
+            "bias": "none",
+            "init_weights": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, pcfg: dict) -> dict:
+        if pcfg.get("bias", "none") != "none":
+            raise ConfigError("PEFT RandLoRA adapter trains biases (bias != 'none'); rankwise's randlora leaves "
+                              "biases frozen.")
+        return {"rank": int(pcfg["r"]), "alpha": float(pcfg.get("randlora_alpha", 640)),
+                "dropout": float(pcfg.get("randlora_dropout") or 0.0),
+                "projection_seed": int(pcfg.get("projection_prng_key", 0)),
+                "save_projection": bool(pcfg.get("save_projection", True)),
+                "sparse": bool(pcfg.get("sparse")), "very_sparse": bool(pcfg.get("very_sparse"))}
+
+    # PEFT's files hold the bases once per model (base_model.randlora_A/B) and again under every layer
+    @classmethod
+    def peft_shared_keys(cls) -> tuple[str, ...]:
+        return ("base_model.randlora_A", "base_model.randlora_B")
+
+    @classmethod
+    def peft_shared(cls, shared: RandloraBases) -> tuple[dict, dict]:
+        shared.refresh()
+        return ({"base_model.randlora_A": shared.randlora_A, "base_model.randlora_B": shared.randlora_B},
+                {"projection_prng_key": int(shared.key[0])})
+
+    @classmethod
+    def load_peft_shared(cls, shared: RandloraBases, tensors: dict[str, torch.Tensor]) -> None:
+        _set_bases(shared, tensors["base_model.randlora_A"], tensors["base_model.randlora_B"], "the model")
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        self.bases.refresh()
+        # PEFT stores the whole shared bases under every layer; copies, so the file has no shared storage
+        return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma,
+                "randlora_A": self.bases.randlora_A.clone(), "randlora_B": self.bases.randlora_B.clone()}
+
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, param in (("randlora_lambda", self.randlora_lambda), ("randlora_gamma", self.randlora_gamma)):
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise ShapeMismatchError(
+                    f"module '{self.view.name}': PEFT tensor {key} has shape {tuple(tensors[key].shape)}, rankwise "
+                    f"expects {tuple(param.shape)} (rank {self.rank}, {self.n} bases, weight "
+                    f"{self.view.out_features}x{self.view.in_features}). Load it onto the model it was trained on."
+                )
+        if "randlora_A" in tensors:
+            _set_bases(self.bases, tensors["randlora_A"], tensors["randlora_B"], f"module '{self.view.name}'")
+        with torch.no_grad():
+            self.randlora_lambda.copy_(tensors["randlora_lambda"])
+            self.randlora_gamma.copy_(tensors["randlora_gamma"])
+
+    @classmethod
+    def peft_suffixes(cls) -> tuple[str, ...]:
+        return ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")

@@ -1,0 +1,206 @@
+"""SoRA: Sparse low-Rank Adaptation (Ding et al., EMNLP 2023, arXiv:2311.11696).
+
+LoRA with a gate vector ``g ∈ R^r`` between the two factors::
+
+    ΔW = s · B diag(g) A,      A ∈ R^{r×in},  B ∈ R^{out×r},  s = α / r₀
+
+The gate is driven sparse by a proximal gradient step on ``λ‖g‖₁``: after the optimizer's
+ordinary step, :func:`proximal_step` soft-thresholds it,
+
+    g ← sign(g) · max(|g| − η λ, 0)          (η: the current learning rate)
+
+so ranks whose gate reaches exactly zero stop contributing; raising ``λ`` during training (the
+paper's sparsifying scheduler) is up to the caller. :func:`prune` then removes those ranks for
+real — the rows of ``A``, columns of ``B`` and entries of ``g`` — which leaves ``ΔW`` unchanged
+(up to float summation order) and shrinks the adapter. The pruned ranks are written into the
+adapter's config as ``rank_pattern`` (module name → rank), which ``rw.save`` records, so
+``rw.load`` rebuilds the pruned shapes. ``s`` keeps the initial rank ``r₀`` (``config.rank``),
+so pruning never rescales the update.
+
+Training loop (proximal gradient descent on the gates, as in the paper: a plain gradient step,
+then the threshold; ``A`` and ``B`` train with any optimizer)::
+
+    gate_opt = torch.optim.SGD(sora.gate_parameters(model), lr=lr_g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad
+                             and all(p is not g for g in sora.gate_parameters(model))], lr=lr)
+    ...
+    opt.step(); gate_opt.step(); sora.proximal_step(model, lr=lr_g, lam=λ)
+    ...
+    sora.prune(model, optimizer=opt)   # any time; the optimizer's state is cut to match
+
+The official code instead steps the gates with AdamW and thresholds by ``λ·lr``; with Adam's
+normalized steps (≈ ``lr`` per step) a threshold above ``lr`` zeroes every gate, so ``λ < 1`` there.
+
+Init: as LoRA (``A`` kaiming-uniform ``±1/√in``, ``B = 0``; embeddings swap: ``A = 0``,
+``B ~ N(0, 1)``) and ``g = 1``, so SoRA starts as the LoRA it generalizes and the adapted model
+equals the base.
+
+Activation view: ``base_out + s · (B ⊙ g) (A x)`` — the gate folds into ``B`` (``out × r``), so
+the cost is LoRA's (its single autograd node on linear layers).
+
+Parameters per layer: ``r (in + out + 1)`` with the layer's current rank ``r``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core.api import adapted_layers, adapter_state
+from ..core.config import AdapterConfig
+from ..core.layers import LayerView
+from ..core.registry import register
+from ..errors import AdapterNotFoundError, ConfigError
+from ._shared_common import float_kw, low_rank_forward, positive_int
+
+
+@dataclass
+class SoraConfig(AdapterConfig):
+    """rank: r₀, the initial rank; alpha: s = α/r₀ (None: α = r₀); dropout: on the adapter's input;
+    rank_pattern: module name → rank after pruning (written by :func:`prune`)."""
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    rank_pattern: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int(self, "rank")
+        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
+        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
+        self._check(isinstance(self.rank_pattern, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.rank
+            for k, v in self.rank_pattern.items()), "rank_pattern",
+            f"give a dict of module name → pruned rank in [0, rank={self.rank}] (prune() writes it).")
+        self.rank_pattern = dict(self.rank_pattern)
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
+
+    def rank_of(self, module_name: str) -> int:
+        return self.rank_pattern.get(module_name, self.rank)
+
+
+@register("sora")
+class Sora(nn.Module):
+    """LoRA with a sparse gate on the rank dimension (see module docstring)."""
+
+    Config = SoraConfig
+    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    summary = "ΔW = s·B diag(g) A, proximal L1 on the gate g prunes ranks while training (Ding et al. 2023)"
+    identity_at_init = True
+    merge_atol = 1e-5
+    default_lr = 3e-3
+
+    def __init__(self, view: LayerView, config: SoraConfig, generator=None, calibration=None):
+        super().__init__()
+        view.check_rank(config.rank, "sora")
+        r = config.rank_of(view.name)
+        self.view, self.config, self.rank, self.scale = view, config, r, config.scale
+        kw = float_kw(view)
+        n_in, n_out = view.in_features, view.out_features
+        self.sora_A = nn.Parameter(torch.zeros(r, n_in, **kw))
+        self.sora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
+        self.sora_gate = nn.Parameter(torch.ones(r, **kw))
+        with torch.no_grad():
+            if view.kind == "embedding":
+                self.sora_B.normal_(generator=generator)
+            else:
+                bound = 1.0 / math.sqrt(n_in)
+                self.sora_A.uniform_(-bound, bound, generator=generator)
+
+    @classmethod
+    def num_params(cls, view: LayerView, config: SoraConfig) -> int:
+        return config.rank_of(view.name) * (view.in_features + view.out_features + 1)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:
+            return base_out
+        return low_rank_forward(self.view, x, base_out, self.sora_A, self.sora_B * self.sora_gate, self.scale,
+                                self.config.dropout, self.training)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.view.to_param(((self.sora_B * self.sora_gate) @ self.sora_A) * self.scale)
+
+    # ---- sparsity -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def proximal_(self, threshold: float) -> int:
+        """Soft-threshold the gate in place; return how many gates are non-zero."""
+        g = self.sora_gate
+        g.copy_(torch.sign(g) * (g.abs() - threshold).clamp_(min=0))
+        return int(torch.count_nonzero(g))
+
+    @torch.no_grad()
+    def prune_(self, optimizers=()) -> int:
+        """Drop the ranks whose gate is exactly zero (and the matching optimizer state); return the new rank."""
+        keep = torch.nonzero(self.sora_gate).flatten()
+        if keep.numel() == self.rank:
+            return self.rank
+        for p, dim in ((self.sora_A, 0), (self.sora_B, 1), (self.sora_gate, 0)):
+            old = p.shape
+            p.data = p.data.index_select(dim, keep).contiguous()
+            p.grad = None
+            for opt in optimizers:
+                state = opt.state.get(p) or {}
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.shape == old:
+                        state[k] = v.index_select(dim, keep.to(v.device)).contiguous()
+        self.rank = keep.numel()
+        return self.rank
+
+
+def _sora_adapters(model: nn.Module, name: str | None):
+    """(adapter name, module name, Sora) for every SoRA adapter (or adapter ``name``) of ``model``."""
+    state = adapter_state(model)
+    if name is not None and name not in state:
+        raise AdapterNotFoundError(f"model has no adapter '{name}'; it has {sorted(state) or 'none'}.")
+    if name is not None and state[name]["config"].method != "sora":
+        raise ConfigError(f"adapter '{name}' is a {state[name]['config'].method} adapter, not sora.")
+    names = [n for n, e in state.items() if e["config"].method == "sora"] if name is None else [name]
+    out = []
+    for lname, layer in adapted_layers(model):
+        for n in names:
+            if n in layer.adapters:
+                out.append((n, lname, layer.adapters[n]))
+    return out
+
+
+def gate_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The gate vectors of every SoRA adapter (or adapter ``name``), e.g. for their own param group."""
+    return [ad.sora_gate for _, _, ad in _sora_adapters(model, name)]
+
+
+def proximal_step(model: nn.Module, lr: float, lam: float, name: str | None = None) -> int:
+    """The proximal step on ``λ‖g‖₁``: soft-threshold every gate by ``lr · lam``. Call it after
+    ``optimizer.step()`` with the learning rate that step used. Returns the non-zero gate count."""
+    if not (lr >= 0 and lam >= 0):
+        raise ConfigError(f"proximal_step: lr={lr} and lam={lam} must be ≥ 0.")
+    return sum(ad.proximal_(lr * lam) for _, _, ad in _sora_adapters(model, name))
+
+
+def prune(model: nn.Module, name: str | None = None, optimizer=None) -> dict:
+    """Remove the zero-gate ranks of every SoRA adapter (or adapter ``name``) and record the new
+    ranks in its config (``rank_pattern``), so ``rw.save``/``rw.load`` keep them. With
+    ``optimizer`` (one or a list), its per-parameter state (Adam's moments) is cut the same way and
+    the parameters stay the same objects, so training goes on. Returns {adapter: {module: rank}}."""
+    found = _sora_adapters(model, name)
+    state = adapter_state(model)
+    opts = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    ranks: dict[str, dict[str, int]] = {}
+    for aname, lname, ad in found:
+        ranks.setdefault(aname, {})[lname] = ad.prune_(opts)
+    for aname, per_module in ranks.items():
+        cfg = state[aname]["config"]
+        pattern = dict(cfg.rank_pattern)
+        pattern.update({m: r for m, r in per_module.items() if r != cfg.rank or m in pattern})
+        new = cfg.replace(rank_pattern=pattern)
+        state[aname]["config"] = new
+        for n, _, ad in found:
+            if n == aname:
+                ad.config = new
+    return ranks

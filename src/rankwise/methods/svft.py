@@ -1,0 +1,179 @@
+"""SVFT: Parameter-Efficient Fine-Tuning with Singular Vectors
+(Lingam, Tejaswi, Vavre, Shetty, Gudur, Ghosh, Dimakis, Choi, Bojchevski, Sanghavi, NeurIPS 2024,
+arXiv:2405.19597).
+
+With the (thin) SVD of the base weight ``W0 = U Σ Vᵀ`` (all ``p = min(out, in)`` singular
+vectors, or the top ``num_vectors`` — the reference code's ``rank`` argument), the update is a
+sparse combination of outer products of the singular vectors; only the non-zero coefficients of
+``M`` are trained::
+
+    W = W0 + U M Vᵀ,      U (out × p), V (in × p) frozen,   M (p × p) sparse, trained
+
+Sparsity patterns of ``M`` (``pattern``):
+
+* ``"plain"``  — diagonal (SVFT^P): ``p`` parameters, ``= min(out, in)``;
+* ``"banded"`` — the diagonal and ``off_diag = d`` bands on each side (SVFT^B_d):
+  ``p(2d + 1) − d(d + 1)`` parameters (``d`` clamped to ``p − 1``);
+* ``"random"`` — the diagonal plus ``num_random = k`` distinct off-diagonal positions drawn from
+  the generator (SVFT^R): ``p + k`` parameters; ``k`` defaults to the banded budget minus the
+  diagonal, ``2pd − d(d + 1)``, clamped to ``p(p − 1)``. The positions are a persistent buffer,
+  so they survive ``rw.save``/``rw.load``.
+
+The paper's Top-k pattern (chosen by singular-vector alignment) is not implemented.
+
+Init: the reference code draws the coefficients from Kaiming-normal over the ``k`` entries and
+multiplies them by a trainable gate ``sigmoid(g)``, ``g = 0``; we keep the same initial values,
+``N(0, 1/(2k))`` (``init="random"``), without the gate so the parameter count is the paper's
+formula. ``init="zero"`` starts at ``M = 0`` (then ``W = W0`` exactly).
+
+Activation view — never forms ``U M Vᵀ``::
+
+    h = x V              (N × p, the layer's own op with Vᵀ as an (p, in) weight)
+    h' = M h             (diagonal scale; banded / random: gather + index_add, O(N · nnz))
+    y = W0 x + b + h' Uᵀ
+
+Cost: two products of the size of the base layer (``N·in·p + N·p·out``), as in the paper (SVFT
+trades FLOPs and ``(out + in) · p`` frozen memory for very few trained parameters).
+``U``, ``V`` are non-persistent buffers recomputed from ``W0`` (see ``_svd_common``).
+Works on every layer kind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.layers import LayerView
+from ..core.registry import register
+from ._svd_common import check_rank_fits, coo_channels, low_rank_out, scale_channels, weight_svd
+
+PATTERNS = ("plain", "banded", "random")
+
+
+@dataclass
+class SvftConfig(AdapterConfig):
+    """pattern: 'plain' | 'banded' | 'random'; off_diag: d (banded; sets random's default budget);
+    num_random: off-diagonal entries of the random pattern (None: 2pd − d(d+1));
+    num_vectors: top singular vectors used (None: all min(out, in)); init: 'random' | 'zero'."""
+
+    pattern: str = "plain"
+    off_diag: int = 2
+    num_random: int | None = None
+    num_vectors: int | None = None
+    init: str = "random"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(self.pattern in PATTERNS, "pattern", f"use one of {PATTERNS}.")
+        self._check(isinstance(self.off_diag, int) and self.off_diag >= 0, "off_diag",
+                    "off_diag must be a non-negative integer.")
+        self._check(self.num_random is None or (isinstance(self.num_random, int) and self.num_random >= 0),
+                    "num_random", "num_random must be a non-negative integer or None.")
+        self._check(self.num_vectors is None or (isinstance(self.num_vectors, int) and not isinstance(
+            self.num_vectors, bool) and self.num_vectors > 0), "num_vectors",
+            "num_vectors must be a positive integer or None (all singular vectors).")
+        self._check(self.init in ("random", "zero"), "init", "use 'random' or 'zero'.")
+
+
+def _sizes(view: LayerView, config: SvftConfig) -> tuple[int, int, int]:
+    """(p, d, k): singular vectors used, band half-width, random off-diagonal entries."""
+    p = check_rank_fits(view, config.num_vectors)
+    d = min(config.off_diag, p - 1)
+    k = 2 * p * d - d * (d + 1) if config.num_random is None else config.num_random
+    return p, d, min(k, p * (p - 1))
+
+
+def _band_index(p: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the off-diagonal band entries, offsets ±1 … ±d."""
+    rows, cols = [], []
+    for o in range(1, d + 1):
+        i = torch.arange(p - o)
+        rows += [i, i + o]
+        cols += [i + o, i]
+    if not rows:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(rows), torch.cat(cols)
+
+
+def _random_index(p: int, k: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` distinct off-diagonal positions of a ``p × p`` matrix, drawn from ``generator``."""
+    flat = torch.randperm(p * (p - 1), generator=generator)[:k].sort().values
+    rows = flat // (p - 1)
+    cols = flat % (p - 1)
+    cols = cols + (cols >= rows).long()  # skip the diagonal
+    return rows, cols
+
+
+@register("svft")
+class Svft(nn.Module):
+    """``ΔW = U M Vᵀ`` with a sparse trained ``M`` (see module docstring)."""
+
+    Config = SvftConfig
+    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    summary = "ΔW = U M Vᵀ, all singular vectors of W0 frozen, sparse M (plain/banded/random) trained (SVFT)"
+    identity_at_init = False
+    merge_atol = 1e-5
+    default_lr = 5e-3
+
+    def __init__(self, view: LayerView, config: SvftConfig, generator=None, calibration=None):
+        super().__init__()
+        self.view, self.config = view, config
+        p, d, k = _sizes(view, config)
+        self.rank = p
+        u, _, vt = weight_svd(view, p)
+        self.register_buffer("u", u, persistent=False)  # out × p
+        self.register_buffer("vt", vt, persistent=False)  # p × in
+        dev = u.device
+        if config.pattern == "banded":
+            rows, cols = _band_index(p, d)
+        elif config.pattern == "random":
+            rows, cols = _random_index(p, k, generator)
+        else:
+            rows = cols = torch.zeros(0, dtype=torch.long)
+        # off-diagonal positions: random ones must be saved; banded ones are a function of (p, d)
+        self.register_buffer("rows", rows.to(dev), persistent=config.pattern == "random")
+        self.register_buffer("cols", cols.to(dev), persistent=config.pattern == "random")
+        n_total = p + rows.numel()
+        self.svft_diag = nn.Parameter(torch.zeros(p, dtype=u.dtype, device=dev))
+        if rows.numel():
+            self.svft_offdiag = nn.Parameter(torch.zeros(rows.numel(), dtype=u.dtype, device=dev))
+        else:
+            self.register_parameter("svft_offdiag", None)
+        if config.init == "random":
+            std = 1.0 / math.sqrt(2.0 * n_total)
+            with torch.no_grad():
+                self.svft_diag.normal_(0.0, std, generator=generator)
+                if self.svft_offdiag is not None:
+                    self.svft_offdiag.normal_(0.0, std, generator=generator)
+
+    @classmethod
+    def num_params(cls, view: LayerView, config: SvftConfig) -> int:
+        p, d, k = _sizes(view, config)
+        if config.pattern == "banded":
+            return p * (2 * d + 1) - d * (d + 1)
+        if config.pattern == "random":
+            return p + k
+        return p
+
+    def _mid(self, h: torch.Tensor) -> torch.Tensor:
+        out = scale_channels(h, self.svft_diag, self.view)
+        if self.rows.numel():
+            out = coo_channels(h, self.rows, self.cols, self.svft_offdiag, self.view, out=out)
+        return out
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return low_rank_out(self.view, x, base_out, self.vt, self.u, mid=self._mid)
+
+    def dense_m(self) -> torch.Tensor:
+        """``M`` as a dense ``p × p`` matrix."""
+        m = torch.diag(self.svft_diag)
+        if self.rows.numel():
+            m = m.index_put((self.rows, self.cols), self.svft_offdiag, accumulate=True)
+        return m
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.view.to_param(self.u @ self.dense_m() @ self.vt)
