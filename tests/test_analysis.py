@@ -453,6 +453,12 @@ def test_cli_analyze_adapter_peft_and_finetuned(saved, tmp_path, single_thread, 
     b = analyze(load_adapted(str(saved / "base"), saved / "peft")[0], k=5)
     assert [r["intruders"] for r in a.layers] == [r["intruders"] for r in b.layers]
     assert all(r["dW_rank"] == 4 for r in a.layers)
+    from rankwise.cli.analyze import make_batches
+
+    batches, note = make_batches(str(saved / "base"), None, "text", "label", max_examples=20, max_length=16,
+                                 batch_size=8, seed=0)  # `--data` without a file: stdlib docstrings
+    assert [len(b["labels"]) for b in batches] == [8, 8, 4] and "standard library" in note
+    assert all(b["input_ids"].shape[1] <= 16 for b in batches)
     base, ft, fresh = load_finetuned_pair(str(saved / "base"), str(saved / "ft"))
     assert fresh == []
     c = analyze(base, ft, k=5)

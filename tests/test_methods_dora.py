@@ -436,7 +436,7 @@ def test_vera_linear_node_gradients(keep_z):
         return _VeraLinear.apply(x_, bo_, a, b, d_, lb_, keep_z)
 
     assert torch.autograd.gradcheck(fused, args)
-    ref = bo + lb * ((x @ a.t()) * d) @ b.t()
+    ref = bo + lb * (((x @ a.t()) * d) @ b.t())
     torch.testing.assert_close(fused(*args), ref)
 
 

@@ -104,6 +104,9 @@ ORACLE = {
     "circular-bert": ("circular", {"block_size": 16},
                       lambda t: peft.C3AConfig(block_size=16, target_modules=t), "c3a_", "bert",
                       ["query", "value", "dense"]),
+    "circular-fft": ("circular", {"block_size": 8, "path": "fft"},
+                     lambda t: peft.C3AConfig(block_size=8, target_modules=t), "c3a_", "bert",
+                     ["query", "value", "dense"]),
     "kron-bert": ("kron", {"rank": 4, "alpha": 6.0},
                   lambda t: peft.LoKrConfig(r=4, alpha=6.0, target_modules=t), "lokr_", "bert",
                   ["query", "key", "dense"]),
@@ -138,7 +141,8 @@ ORACLE = {
 # fft(fft(g)·ifft(w)) where the adjoint is fft(ifft(g)·conj(fft(w))); finite differences agree with
 # rankwise, see test_circular_input_gradient_matches_finite_differences). Its kernel gradient is
 # right, so the gradient comparison adapts one module: no other C3A layer lies between it and the loss.
-GRAD_TARGETS = {"circular-bert": ["bert.encoder.layer.1.output.dense"]}
+GRAD_TARGETS = {"circular-bert": ["bert.encoder.layer.1.output.dense"],
+                "circular-fft": ["bert.encoder.layer.1.output.dense"]}
 
 
 def _base(which, request):
@@ -372,6 +376,28 @@ def test_circular_fft_path_gradcheck():
         x = torch.randn(3, 2 * b, dtype=torch.float64, generator=g, requires_grad=True)
         w = torch.randn(3, 2, b, dtype=torch.float64, generator=g, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x_, w_: _BlockCirculant.apply(x_, w_, 0.5), (x, w))
+
+
+def test_circular_paths_agree():
+    """The FFT path and the dense path give the same outputs and gradients (float64), and 'auto' picks
+    the FFT path only for wide layers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 8)).double()
+    x = torch.randn(5, 3, 12, dtype=torch.float64)
+    outs, grads = [], []
+    for path in ("fft", "dense"):
+        model = rw.adapt(copy.deepcopy(net), "circular", block_size=4, path=path, seed=0)
+        ad = model[0].adapters["default"]
+        assert ad.use_fft == (path == "fft") and ad.computes_base == (path == "dense")
+        out = model(x)
+        (g,) = torch.autograd.grad(out.square().sum(), ad.c3a_kernel)
+        outs.append(out)
+        grads.append(g)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=1e-10)
+    auto = rw.get_method("circular")
+    assert auto(LayerView(nn.Linear(4096, 4096)), auto.Config(block_size=128)).use_fft
+    assert not auto(LayerView(nn.Linear(384, 1536)), auto.Config(block_size=128)).use_fft
 
 
 def test_circular_block_clamp():

@@ -24,6 +24,7 @@ from .core.api import (
     unmerge,
 )
 from .core.config import AdapterConfig
+from .core.rank import rank_regularization, rank_step
 from .core.registry import get_method, register
 from .io.files import load, save
 from .io.peft import export_peft, import_peft
@@ -46,6 +47,8 @@ __all__ = [
     "load",
     "merge",
     "methods",
+    "rank_regularization",
+    "rank_step",
     "register",
     "save",
     "set_active",

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.rank import has_rank_hooks, rank_regularization, rank_step
 from .errors import ConfigError, CorruptFileError, ShapeMismatchError, close_names
 from .io.atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
 
@@ -207,6 +208,7 @@ def train(
     scheduler = make_scheduler(optimizer, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     batches = _BatchOrder(n, config.batch_size, config.seed)
+    ranked = has_rank_hooks(model)
 
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     t0 = time.perf_counter()
@@ -229,7 +231,8 @@ def train(
                     raise ConfigError(f"train: loss_fn must return a scalar tensor, got "
                                       f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)}; "
                                       "reduce it with .mean() over the batch.")
-                (loss / config.grad_accum).backward()
+                reg = rank_regularization(model) if ranked else None  # e.g. AdaLoRA's orthogonality term
+                ((loss if reg is None else loss + reg) / config.grad_accum).backward()
                 total = loss.detach() if total is None else total + loss.detach()
             if config.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -237,6 +240,8 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
+            if ranked:  # rank allocation (AdaLoRA, DyLoRA, IncreLoRA, AfLoRA): needs this step's .grad
+                rank_step(model, step, optimizer, total_steps=config.steps)
             losses.append((total / config.grad_accum).item())  # the one host sync per step
             lrs.append(float(lr))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{float(lr):.2e}", refresh=False)

@@ -29,7 +29,6 @@ from .spectra import (
     matrix_measures,
     norms,
     numerical_rank,
-    randomized_svd,
     rank_at_energy,
     singular_values,
     stable_rank,
@@ -50,7 +49,7 @@ __all__ = [
     "COLUMNS", "Analysis", "Spectrum", "adapter_similarity", "adapters_off", "amplification_factor", "analyze",
     "cross_similarity", "effective_rank", "energy_at_rank", "intruder_count", "intruder_dimensions",
     "kernel_alignment", "label_kernel", "layer_outputs", "linear_cka", "matrix_measures", "norms",
-    "numerical_rank", "principal_angles", "randomized_svd", "rank_at_energy", "rankme",
+    "numerical_rank", "principal_angles", "rank_at_energy", "rankme",
     "relative_weight_change", "singular_values", "stable_rank", "subspace_similarity", "svd", "tangent_kernel",
     "top_alignment", "weight_pairs", "write_report",
 ]

@@ -13,8 +13,9 @@ For a matrix ``A (m × n)`` with singular values ``σ_1 ≥ … ≥ σ_p`` (``p 
 
 Speed. Matrices of one shape are stacked and decomposed in one ``torch.linalg`` call; wide
 matrices are transposed first (same singular values; LAPACK's SVD of a wide matrix is many
-times slower on CPU). ``method="randomized"`` uses a seeded randomized range finder (Halko,
-Martinsson & Tropp 2011, Alg. 4.4 with ``niter`` power iterations) for the top ``q`` values.
+times slower on CPU). ``method="randomized"`` uses :func:`rankwise.linalg.randomized_svd` (Halko,
+Martinsson & Tropp 2011, Alg. 4.4: seeded, ``q + 8`` test vectors, ``niter`` power iterations) for
+the top ``q`` values.
 
 Stated error of the randomized path. The values ``σ̂_i`` it returns are the singular values of
 ``QᵀA`` for an orthonormal ``Q``, so ``σ̂_i ≤ σ_i`` for every ``i`` (interlacing). ``‖A‖_F²`` is
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..linalg import randomized_svd
 
 METHODS = ("full", "randomized", "auto")
 EPS32 = torch.finfo(torch.float32).eps
@@ -184,21 +186,6 @@ def _stack(mats, names, dtype):
     return torch.stack([mats[n].detach().to(dtype) for n in names])
 
 
-def randomized_svd(a: torch.Tensor, q: int, niter: int = 4, generator: torch.Generator | None = None):
-    """Top-``q`` SVD of ``a (..., m, n)`` by a randomized range finder with ``niter`` power
-    iterations (re-orthonormalized each step). Returns ``U (..., m, q), S (..., q), Vh (..., q, n)``."""
-    m, n = a.shape[-2:]
-    q = min(q, m, n)
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    omega = torch.randn(*a.shape[:-2], n, q, generator=g, dtype=a.dtype)
-    y, _ = torch.linalg.qr(a @ omega)
-    for _ in range(niter):
-        z, _ = torch.linalg.qr(a.mT @ y)
-        y, _ = torch.linalg.qr(a @ z)
-    ub, s, vh = torch.linalg.svd(y.mT @ a, full_matrices=False)
-    return y @ ub, s, vh
-
-
 def svd(mats, k: int | None = None, method: str = "full", q: int = 32, niter: int = 4,
         rtol: float = 1e-5, seed: int = 0, dtype=torch.float32):
     """Thin SVD of each matrix, batched by shape: ``{name: (U, S, Vh)}`` plus a dict of
@@ -233,7 +220,7 @@ def _svd(mats, k, method, q, niter, rtol, seed, dtype):
             u, s, vh = torch.linalg.svd(a, full_matrices=False)
             exact = [True] * len(names)
         else:
-            u, s, vh = randomized_svd(a, q, niter, g)
+            u, s, vh = randomized_svd(a, q, niter=niter, generator=g, flip=False)
             u, s, vh = list(u), list(s), list(vh)
             exact = [False] * len(names)
             if method == "auto":

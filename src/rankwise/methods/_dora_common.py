@@ -18,7 +18,7 @@ from autograd, as the DoRA paper (Sec. 4.3) suggests and PEFT does.
 * :func:`dora_forward` — the activation view ``base_out + (g−1)⊙(base_out − bias) + g⊙s·B(A x)``
   (PEFT's formula; with dropout ``p > 0`` in training, ``base_out − bias`` is recomputed on the
   dropped input, also as PEFT does). On linear layers it is one autograd node
-  (:class:`_DoraLinear`) that saves only ``x`` (held by the base layer anyway) and ``base_out``.
+  (:class:`_DoraLinear`) that saves ``base_out`` and ``x`` (or, for a frozen ``A``, ``A x``).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ class _DoraLinear(torch.autograd.Function):
             = g ⊙ base_out + (1 − g) ⊙ bias + h (diag(g·s) B)ᵀ,     h = x Aᵀ
 
     ``g`` is an input (its gradient goes on to the magnitude through autograd); ``bias`` is a
-    frozen constant. Saves ``x`` and ``base_out`` (references, no copies) and rebuilds ``h`` in
-    backward with one ``r``-column product. Backward, with ``G`` the output gradient::
+    frozen constant. Saves ``base_out`` and, when ``A`` is trained, ``x`` (rebuilding ``h`` in
+    backward with one ``r``-column product), else only ``h`` (N × r; EDoRA's frozen ``A``).
+    Backward, with ``G`` the output gradient::
 
         ∂base_out = g ⊙ G,   ∂B = s·g ⊙ (Gᵀ h),   ∂A = (diag(g·s) B)ᵀ Gᵀ x,   ∂x = G diag(g·s) B A
         ∂g = Σ_tokens G ⊙ (base_out − bias) + s · rowsum(B ⊙ Gᵀ h)
@@ -110,9 +111,10 @@ class _DoraLinear(torch.autograd.Function):
         n_in, n_out = a.shape[1], b.shape[0]
         x2 = x.reshape(-1, n_in)
         bo = base_out.reshape(-1, n_out)
-        ctx.scale = scale
-        ctx.save_for_backward(x, base_out, a, b, g, bias)
+        ctx.scale, ctx.x_shape = scale, x.shape
         h = torch.mm(x2, a.t())
+        keep_x = ctx.needs_input_grad[2]  # A is trained: keep x (held anyway), rebuild h
+        ctx.save_for_backward(x if keep_x else None, None if keep_x else h, base_out, a, b, g, bias)
         out = bo * g
         if bias is not None:
             out.add_(bias * (1.0 - g))
@@ -121,17 +123,18 @@ class _DoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, base_out, a, b, g, bias = ctx.saved_tensors
+        x, h, base_out, a, b, g, bias = ctx.saved_tensors
         need_x, need_base, need_a, need_b, need_g = ctx.needs_input_grad[:5]
         s = ctx.scale
         n_in, n_out = a.shape[1], b.shape[0]
         g2 = grad.reshape(-1, n_out)
-        x2 = x.reshape(-1, n_in)
+        x2 = None if x is None else x.reshape(-1, n_in)
         grad_x = grad_base = grad_a = grad_b = grad_g = None
         if need_base:
             grad_base = (g2 * g).view(base_out.shape)
         if need_b or need_g:
-            h = torch.mm(x2, a.t())
+            if h is None:
+                h = torch.mm(x2, a.t())
             p = torch.mm(h.t(), g2).t()  # Gᵀ h: out × r
             if need_b:
                 grad_b = p * (g * s)[:, None]
@@ -145,7 +148,7 @@ class _DoraLinear(torch.autograd.Function):
             if need_a:
                 grad_a = torch.mm(gh_t, x2)
             if need_x:
-                grad_x = torch.mm(gh_t.t(), a).view(x.shape)
+                grad_x = torch.mm(gh_t.t(), a).view(ctx.x_shape)
         return grad_x, grad_base, grad_a, grad_b, grad_g, None, None
 
 

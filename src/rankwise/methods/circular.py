@@ -7,13 +7,18 @@ circulant matrix of a trained kernel ``w_ij ∈ R^b``, scaled by ``1/n`` as in P
     ΔW[i·b + t, j·b + s] = w_ij[(s - t) mod b] / n          (i < m/b, j < n/b)
     y_i = (1/n) Σ_j w_ij ⋆ x_j,   (w ⋆ x)[t] = Σ_s w[(s - t) mod b] x[s]   (circular correlation)
 
-Activation view (linear, HF Conv1D): with real FFTs of length ``b`` per block,
+Activation view (linear, HF Conv1D), ``path='fft'``: with real FFTs of length ``b`` per block,
 ``rfft(y_i) = (1/n) Σ_j rfft(x_j) · conj(rfft(w_ij))`` — per frequency a ``(m/b) × (n/b)`` complex
-matrix acts on the blocks: ``O(N (n log b + m log b) + N m n / b)`` flops instead of ``N·m·n``, and
+matrix acts on the blocks: ``O(N (m + n) log b + N m n / b)`` flops instead of ``N·m·n``, and
 ``ΔW`` is never formed. The autograd function keeps only the layer input (which the base holds
-anyway) and the kernel; backward recomputes the input's FFT. Embeddings gather a token's
-column of ``ΔW`` straight from the kernels; convolutions (whose input would first need unfolding)
-form ``ΔW`` once per forward (``m × n``, no FFT needed).
+anyway) and the kernel; backward recomputes the input's FFT. ``path='dense'``: ``ΔW`` is gathered
+from the kernels once per forward (``m × n`` entries, no arithmetic) and folded into ``W0``, one
+product with ``W0 + ΔW`` (``computes_base``: one extra weight-gradient product per step over the
+frozen layer). The FFT passes are memory-bound: measured on 2 CPU cores at MiniLM's shapes
+(384×1536, b=128, N=2048) forward+backward of the FFT path cost about two products of the layer,
+the dense path one; the FFT path's share shrinks as ``m·n/(m+n)`` grows. ``path='auto'`` (default)
+takes the FFT path when ``m·n/(m+n) ≥ 1024`` (e.g. 4096×4096 layers), dense below. Embeddings gather
+a token's column of ``ΔW`` straight from the kernels; convolutions take the dense path.
 
 ``b`` is the largest divisor of ``gcd(m, n)`` not above ``block_size`` (so any layer works; PEFT
 instead refuses a ``block_size`` that does not divide both sides). Init of the kernels (PEFT's
@@ -47,21 +52,25 @@ from ._structured_common import (
 )
 
 INITS = ("xavier_uniform", "kaiming_uniform", "gaussian", "zeros")
+FFT_FROM = 1024  # path='auto': FFT when m·n/(m+n) reaches this (measured crossover on CPU, see docstring)
 
 
 @dataclass
 class CircularConfig(AdapterConfig):
     """block_size: b, the circulant block size (clamped per layer to the largest divisor of gcd(m, n)
-    not above it); init: 'xavier_uniform' | 'kaiming_uniform' | 'gaussian' | 'zeros'."""
+    not above it); init: 'xavier_uniform' | 'kaiming_uniform' | 'gaussian' | 'zeros';
+    path: activation view of dense layers, 'auto' | 'fft' | 'dense' (see the module docstring)."""
 
     block_size: int = 256
     init: str = "xavier_uniform"
+    path: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
         self._check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool)
                     and self.block_size > 0, "block_size", "block_size must be a positive integer.")
         self._check(self.init in INITS, "init", f"use one of {', '.join(INITS)}.")
+        self._check(self.path in ("auto", "fft", "dense"), "path", "use 'auto', 'fft' or 'dense'.")
 
 
 def block_of(view: LayerView, config: CircularConfig) -> int:
@@ -128,6 +137,10 @@ class Circular(nn.Module):
         # [t, s] -> (s - t) mod b: the circulant pattern of one block
         ar = torch.arange(b)
         self.register_buffer("_circ", (ar[None, :] - ar[:, None]) % b, persistent=False)
+        linear = view.kind in ("linear", "hf_conv1d")
+        fft = config.path == "fft" or (config.path == "auto" and m * n >= FFT_FROM * (m + n))
+        self.use_fft = linear and fft
+        self.computes_base = view.kind != "embedding" and not self.use_fft
 
     @classmethod
     def num_params(cls, view: LayerView, config: CircularConfig) -> int:
@@ -139,10 +152,10 @@ class Circular(nn.Module):
         blocks = w[:, :, self._circ]  # I × J × b(t) × b(s)
         return blocks.permute(0, 2, 1, 3).reshape(i_blocks * b, j_blocks * b) / self.view.in_features
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
         kind, w = self.view.kind, self.c3a_kernel
         n = self.view.in_features
-        if kind in ("linear", "hf_conv1d"):
+        if self.use_fft:
             dt = fft_dtype(w)
             x2d = x.reshape(-1, n)
             if x2d.dtype != dt or autocast_on(x.device.type):

@@ -16,8 +16,8 @@ Cost: ``W0 Aᵀ`` and ``A Aᵀ`` depend only on frozen tensors and are cached (r
 the activation view is DoRA's (``x → A x → R → B``), never forming ``B R A``.
 
 ``A`` and ``B`` are non-persistent buffers: a deterministic function of ``W0`` (thin SVD with a
-canonical sign per triplet, see ``_svd_common``), recomputed by ``rw.load`` from the fresh base,
-so files hold only ``R`` and ``m``. Parameters per layer: ``r² + out``. Every layer kind works
+canonical sign per triplet), recomputed by ``rw.load`` from the fresh base, so files hold only
+``R`` and ``m``. Parameters per layer: ``r² + out``. Every layer kind works
 (convolutions and embeddings through their canonical ``out × in`` matrix).
 """
 
@@ -33,7 +33,6 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
 from ._dora_common import BaseStats, dora_forward, row_norm_sq
-from ._svd_common import weight_svd
 
 
 @dataclass
@@ -58,6 +57,21 @@ class EdoraConfig(AdapterConfig):
         return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
 
 
+@torch.no_grad()
+def svd_factors(view: LayerView, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B = U_r`` (out × r) and ``A = diag(S_r) V_rᵀ`` (r × in) of ``W0``'s thin SVD (float32, float64
+    for float64 weights), each singular pair signed so the largest-magnitude entry of ``U``'s column
+    is positive: the factors do not depend on LAPACK's sign choice."""
+    w = view.weight2d().detach()
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    u, s, vt = torch.linalg.svd(w.to(dt), full_matrices=False)
+    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True))).squeeze(0)
+    sign[sign == 0] = 1
+    out_dt = w.dtype if w.is_floating_point() else torch.float32
+    return (u * sign).to(out_dt).contiguous(), ((s * sign)[:, None] * vt).to(out_dt).contiguous()
+
+
 @register("edora")
 class Edora(nn.Module):
     """DoRA with frozen SVD factors and a trainable ``r × r`` core (see module docstring)."""
@@ -75,9 +89,9 @@ class Edora(nn.Module):
         super().__init__()
         view.check_rank(config.rank, "edora")
         self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
-        u, s, vt = weight_svd(view, config.rank)
+        u, a = svd_factors(view, config.rank)
         self.register_buffer("edora_B", u, persistent=False)
-        self.register_buffer("edora_A", s[:, None] * vt, persistent=False)
+        self.register_buffer("edora_A", a, persistent=False)
         r = config.rank
         self.edora_R = nn.Parameter(torch.zeros(r, r, dtype=u.dtype))
         if config.init_std > 0:

@@ -116,31 +116,37 @@ _CONV1D_FULL_W2 = (
 
 
 class _KronLinear(torch.autograd.Function):
-    """``out = base + s · vec(w1 · X · w2ᵀ)`` for rows ``x = vec(X)``, ``X ∈ R^{c×d}``; saves ``x``."""
+    """``out = base + s · vec(w1 · X · w2ᵀ)`` for rows ``x = vec(X)``, ``X ∈ R^{c×d}``; saves ``x``.
+
+    Every contraction is one 2-D matmul (``w1`` acts on a ``c × (N·b)`` transposed copy rather than as
+    ``N`` tiny batched products, which measured 1.6x slower); the ``c × b`` intermediate is recomputed
+    in backward instead of stored."""
 
     @staticmethod
     def forward(ctx, x2d, base2d, w1, w2, scale):
         ctx.scale = scale
         ctx.save_for_backward(x2d, w1, w2)
-        n_rows, (a, c), b = x2d.shape[0], w1.shape, w2.shape[0]
-        z = torch.matmul(x2d.view(n_rows, c, -1), w2.t())  # N × c × b
-        return torch.add(base2d, torch.matmul(w1, z).view(n_rows, a * b), alpha=scale)
+        n_rows, (a, c), (b, d) = x2d.shape[0], w1.shape, w2.shape
+        zt = torch.mm(x2d.reshape(n_rows * c, d), w2.t()).view(n_rows, c, b).transpose(0, 1).reshape(c, -1)
+        y = torch.mm(w1, zt).view(a, n_rows, b).transpose(0, 1)  # N × a × b (strided)
+        return torch.add(base2d.view(n_rows, a, b), y, alpha=scale).view(n_rows, a * b)
 
     @staticmethod
     def backward(ctx, g):
         x2d, w1, w2 = ctx.saved_tensors
         n_rows, (a, c), (b, d) = x2d.shape[0], w1.shape, w2.shape
-        gy = g.reshape(n_rows, a, b) * ctx.scale
-        x3 = x2d.view(n_rows, c, d)
-        gz = torch.matmul(w1.t(), gy)  # N × c × b
+        x_rows = x2d.reshape(n_rows * c, d)
+        gyt = g.reshape(n_rows, a, b).transpose(0, 1).reshape(a, -1).mul(ctx.scale)  # a × (N·b)
         grad_x = grad_w1 = grad_w2 = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(gz, w2).view(x2d.shape)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            gz = torch.mm(w1.t(), gyt).view(c, n_rows, b).transpose(0, 1).reshape(n_rows * c, b)
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(gz, w2).view(x2d.shape)
+            if ctx.needs_input_grad[3]:
+                grad_w2 = torch.mm(gz.t(), x_rows)
         if ctx.needs_input_grad[2]:
-            z = torch.matmul(x3, w2.t())  # recomputed, not stored
-            grad_w1 = torch.einsum("nab,ncb->ac", gy, z)
-        if ctx.needs_input_grad[3]:
-            grad_w2 = torch.mm(gz.reshape(-1, b).t(), x3.reshape(-1, d))
+            zt = torch.mm(x_rows, w2.t()).view(n_rows, c, b).transpose(0, 1).reshape(c, -1)  # recomputed
+            grad_w1 = torch.mm(gyt, zt.t())
         return grad_x, (g if ctx.needs_input_grad[1] else None), grad_w1, grad_w2, None
 
 

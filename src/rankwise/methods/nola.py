@@ -30,13 +30,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.ops import autocast_on, keep_mask
 from ..core.registry import register
 from ._shared_bases import SeededBases, draw_seed
-from ._shared_common import low_rank_forward
+from .lora import _branch, _LoraLinear
 
 
 @dataclass
@@ -125,8 +127,22 @@ class Nola(nn.Module):
         return a, bb
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """LoRA's activation path with the combined factors (autograd carries their gradients on to
+        the coefficients): one fused node on linear layers, the layer's own operation elsewhere."""
         a, b = self.factors()
-        return low_rank_forward(self.view, x, base_out, a, b, self.scale, self.drop, self.training)
+        v, dropping = self.view, self.drop > 0 and self.training
+        if (v.kind in ("linear", "hf_conv1d") and x.dtype == a.dtype == base_out.dtype
+                and not autocast_on(x.device.type)):
+            keep = 1.0 - self.drop if dropping else 1.0
+            mask = keep_mask(x, keep) if dropping else None
+            if torch.is_grad_enabled():
+                return _LoraLinear.apply(x, base_out, a, b, self.scale, mask, keep)
+            return _branch(x, base_out, a, b, self.scale / keep, mask)
+        if x.is_floating_point() and x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        if dropping and x.is_floating_point():
+            x = F.dropout(x, self.drop, training=True)
+        return base_out + (v.apply_out(v.apply_in(x, a), b) * self.scale).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()

@@ -16,7 +16,7 @@ the adapter's generator (PEFT's default key is 0). Init (PEFT/paper): ``d = d_in
 ``b = 0``, so ``ΔW = 0`` and the adapted model equals the base exactly.
 
 Activation view: ``y = W0 x + bias + b ⊙ (B (d ⊙ (A drop(x))))`` — the shared bases are applied
-once per layer as two thin products, on linear layers in one autograd node that keeps ``x`` and
+once per layer as two thin products, on linear layers in one autograd node that keeps only
 ``h = A x`` and, for ``r ≥ 32``, the ``out``-sized ``B (d ⊙ h)`` that ``b``'s gradient needs (PEFT
 keeps it at every rank; below 32 one thin product in backward is cheaper than keeping it).
 
@@ -101,7 +101,7 @@ class _VeraLinear(torch.autograd.Function):
 
         out = base_out + b ⊙ z,    z = (d ⊙ h) Bᵀ,    h = x Aᵀ
 
-    Saves ``x`` (held by the base layer anyway) and ``h`` (N × r). ``b``'s gradient is
+    Saves ``h`` (N × r), not ``x``: no gradient needs ``x`` when ``A`` is frozen. ``b``'s gradient is
     ``Σ_tokens G ⊙ z``: with ``keep_z`` (large ``r``) ``z`` (N × out) is kept, as PEFT does, so it
     costs no product; otherwise nothing out-sized is kept and it is ``rowsum(B ⊙ (Gᵀ (d ⊙ h)))``,
     one ``N·r·out`` product — cheaper than keeping ``z`` while ``r`` is small. Backward::
@@ -114,19 +114,20 @@ class _VeraLinear(torch.autograd.Function):
         n_in, n_out = a.shape[1], b.shape[0]
         x2, bo = x.reshape(-1, n_in), base_out.reshape(-1, n_out)
         h = torch.mm(x2, a.t())
-        hd = h * d
+        bd = b * d  # B Λ_d (out × r): d folded into the small factor, no N × r temporary
         if keep_z:
-            z = torch.mm(hd, b.t())
+            z = torch.mm(h, bd.t())
             out = torch.addcmul(bo, z, lb)
         else:
             z = None
-            out = torch.addmm(bo, hd, (b * lb[:, None]).t())
-        ctx.save_for_backward(x, a, b, d, lb, h, z)
+            out = torch.addmm(bo, h, (bd * lb[:, None]).t())
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(a, b, d, lb, h, z)  # not x: with A frozen, no gradient needs it
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b, d, lb, h, z = ctx.saved_tensors
+        a, b, d, lb, h, z = ctx.saved_tensors
         need_x, need_base, _, _, need_d, need_lb = ctx.needs_input_grad[:6]
         g2 = grad.reshape(-1, b.shape[0])
         grad_x = grad_d = grad_lb = None
@@ -134,13 +135,13 @@ class _VeraLinear(torch.autograd.Function):
             if z is not None:
                 grad_lb = torch.linalg.vecdot(g2, z, dim=0)
             else:
-                grad_lb = (b * torch.mm((h * d).t(), g2).t()).sum(1)
+                grad_lb = (b * d * torch.mm(h.t(), g2).t()).sum(1)
         if need_x or need_d:
             gh_t = torch.mm((b * lb[:, None]).t(), g2.t())  # (∂L/∂(d ⊙ h))ᵀ: r × N
             if need_d:
-                grad_d = (gh_t * h.t()).sum(1)
+                grad_d = torch.linalg.vecdot(gh_t, h.t(), dim=1)
             if need_x:
-                grad_x = torch.mm(gh_t.t() * d, a).view(x.shape)
+                grad_x = torch.mm(gh_t.t(), a * d[:, None]).view(ctx.x_shape)
         return grad_x, (grad if need_base else None), None, None, grad_d, grad_lb, None
 
 

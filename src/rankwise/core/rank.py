@@ -1,0 +1,81 @@
+"""Rank allocation during training: one entry point for every loop.
+
+Methods that change their rank (or which parameters train) while training — AdaLoRA, DyLoRA,
+IncreLoRA, AfLoRA — expose two optional class-level hooks, and any training loop drives them
+through the two functions here::
+
+    for step, batch in enumerate(batches, start=1):
+        loss = loss_fn(model, batch)
+        reg = rw.rank_regularization(model)        # AdaLoRA's orthogonality term, or None
+        (loss if reg is None else loss + reg).backward()
+        optimizer.step()
+        rw.rank_step(model, step, optimizer)       # after optimizer.step(), before zero_grad()
+        optimizer.zero_grad()
+
+``rank_step`` must run while the gradients of the step are still in ``.grad`` (importance scores
+are ``|θ · ∇θ|``), with ``step`` counted from 1 (the number of optimizer steps taken).
+:func:`rankwise.train.train` calls both. A method's hooks (see the method files):
+
+* ``on_step(model, name, step, optimizers, total_steps) -> dict | None`` (classmethod; ``total_steps``
+  is the loop's length or None): update importance
+  scores, mask / grow / prune / freeze; it keeps the optimizer's per-parameter state consistent
+  with any shape change (each method documents how) and records new per-layer ranks in the
+  adapter's saved overrides, so ``rw.save`` / ``rw.load`` rebuild them;
+* ``regularization(model, name) -> Tensor | None`` (classmethod): a term to add to the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .api import adapter_state
+from .registry import get_method
+
+
+def _optimizers(optimizer) -> list:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    return list(optimizer)
+
+
+def _hooked(model: nn.Module, hook: str):
+    for name, entry in adapter_state(model).items():
+        cls = get_method(entry["config"].method)
+        fn = getattr(cls, hook, None)
+        if fn is not None:
+            yield name, fn
+
+
+def rank_step(model: nn.Module, step: int, optimizer=None, total_steps: int | None = None) -> dict:
+    """Run every adapter's ``on_step`` hook for optimizer step ``step`` (1-based). ``optimizer``
+    (one or a list) is the one whose state must follow rank changes; ``total_steps``, the loop's
+    number of steps, is used by schedules whose config leaves ``total_step`` None (``rankwise.train``
+    passes it). Returns ``{adapter: info}``
+    for the adapters whose hook reported something (budgets, new ranks, frozen matrices)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TypeError(f"rank_step: step={step!r} must be the number of optimizer steps taken (an int ≥ 0).")
+    opts = _optimizers(optimizer)
+    out = {}
+    for name, fn in _hooked(model, "on_step"):
+        info = fn(model, name, step, opts, total_steps)
+        if info:
+            out[name] = info
+    return out
+
+
+def rank_regularization(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the adapters' loss terms (AdaLoRA's orthogonality regularizer), or None if none has one."""
+    total = None
+    for name, fn in _hooked(model, "regularization"):
+        term = fn(model, name)
+        if term is not None:
+            total = term if total is None else total + term
+    return total
+
+
+def has_rank_hooks(model: nn.Module) -> bool:
+    """Whether any adapter of ``model`` has an ``on_step`` or ``regularization`` hook."""
+    return any(True for _ in _hooked(model, "on_step")) or any(True for _ in _hooked(model, "regularization"))

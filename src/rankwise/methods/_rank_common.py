@@ -1,0 +1,130 @@
+"""Pieces shared by the rank-allocation methods adalora, dylora, increlora and aflora.
+
+* :func:`adapters_of` — every (adapter name, module name, adapter) of one method on a model;
+* :class:`Sensitivity` — AdaLoRA's smoothed importance of every entry of a tensor (Zhang et al.
+  2023, eq. 8-10): ``I = |θ ⊙ ∇θ|``, ``Ī ← β₁ Ī + (1-β₁) I``, ``Ū ← β₂ Ū + (1-β₂) |I - Ī|``, score
+  ``Ī ⊙ Ū``; IncreLoRA and AfLoRA use the same score;
+* :func:`resize_` — cut or grow a parameter along one dimension *in place* (the Parameter object
+  stays the same, so optimizers keep referring to it) and cut or zero-pad every optimizer state
+  tensor of the parameter's old shape (Adam's ``exp_avg``, ``exp_avg_sq``) the same way; scalar
+  state (Adam's ``step``) is kept;
+* :func:`record_rank` — write a module's new rank into the adapter's per-module overrides (which
+  ``rw.save`` stores and ``rw.load`` rebuilds) and into the adapter's config;
+* :func:`cubic` — the cubic schedule of AdaLoRA's budget, 1 → 0 between ``tinit`` and
+  ``total - tfinal``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.api import adapted_layers, adapter_state
+from ..errors import AdapterNotFoundError, ConfigError
+
+
+def adapters_of(model: nn.Module, method: str, name: str | None = None) -> list[tuple[str, str, nn.Module]]:
+    """(adapter name, module name, adapter) for every ``method`` adapter (or adapter ``name``) of ``model``."""
+    state = adapter_state(model)
+    if name is not None and name not in state:
+        raise AdapterNotFoundError(f"model has no adapter '{name}'; it has {sorted(state) or 'none'}.")
+    if name is not None and state[name]["config"].method != method:
+        raise ConfigError(f"adapter '{name}' is a {state[name]['config'].method} adapter, not {method}.")
+    names = [n for n, e in state.items() if e["config"].method == method] if name is None else [name]
+    out = []
+    for lname, layer in adapted_layers(model):
+        for n in names:
+            if n in layer.adapters:
+                out.append((n, lname, layer.adapters[n]))
+    return out
+
+
+class Sensitivity:
+    """Smoothed sensitivity ``Ī`` and uncertainty ``Ū`` of one tensor's entries (AdaLoRA eq. 8-10)."""
+
+    def __init__(self, beta1: float, beta2: float):
+        self.beta1, self.beta2 = beta1, beta2
+        self.ipt = self.unc = None
+
+    @torch.no_grad()
+    def update(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        grad = p.grad if grad is None else grad
+        if grad is None:
+            return
+        ipt = (p * grad).abs()
+        if self.ipt is None or self.ipt.shape != p.shape:
+            self.ipt, self.unc = torch.zeros_like(p), torch.zeros_like(p)
+        self.ipt = self.beta1 * self.ipt + (1 - self.beta1) * ipt
+        self.unc = self.beta2 * self.unc + (1 - self.beta2) * (ipt - self.ipt).abs()
+
+    def score(self, like: torch.Tensor) -> torch.Tensor:
+        """``Ī ⊙ Ū`` (zeros before the first update)."""
+        if self.ipt is None:
+            return torch.zeros_like(like)
+        return self.ipt * self.unc
+
+    def resize(self, dim: int, keep: torch.Tensor | None = None, extra: int = 0) -> None:
+        """Follow a parameter's resize: keep indices ``keep`` along ``dim`` and/or append ``extra`` zeros."""
+        if self.ipt is None:
+            return
+        self.ipt, self.unc = (_cut_pad(t, dim, keep, extra) for t in (self.ipt, self.unc))
+
+
+def _cut_pad(t: torch.Tensor, dim: int, keep: torch.Tensor | None, extra: int, fill: torch.Tensor | None = None):
+    if keep is not None:
+        t = t.index_select(dim, keep.to(t.device))
+    if extra:
+        shape = list(t.shape)
+        shape[dim] = extra
+        pad = torch.zeros(shape, dtype=t.dtype, device=t.device) if fill is None else fill.to(t)
+        t = torch.cat([t, pad], dim=dim)
+    return t.contiguous()
+
+
+@torch.no_grad()
+def resize_(p: nn.Parameter, dim: int, optimizers=(), keep: torch.Tensor | None = None,
+            new: torch.Tensor | None = None) -> None:
+    """Keep the slices ``keep`` of ``p`` along ``dim`` and/or append ``new`` (already shaped), in place.
+
+    The optimizer state of ``p`` follows: every state tensor of ``p``'s old shape is cut the same
+    way and padded with zeros for the appended slices (fresh first and second moments), so one
+    Adam step after the resize is exactly the step of a parameter whose moments for the new
+    slices start at zero (it shares the parameter's ``step`` count, hence its bias correction).
+    ``p.grad`` is dropped (its shape no longer fits).
+    """
+    old = p.shape
+    extra = 0 if new is None else new.shape[dim]
+    p.data = _cut_pad(p.data, dim, keep, extra, new)
+    p.grad = None
+    for opt in optimizers:
+        state = opt.state.get(p)
+        if not state:
+            continue
+        for k, v in list(state.items()):
+            if torch.is_tensor(v) and v.shape == old:
+                state[k] = _cut_pad(v, dim, keep, extra)
+
+
+def record_rank(model: nn.Module, adapter_name: str, module_name: str, adapter: nn.Module, **values) -> None:
+    """Write ``values`` (e.g. ``layer_rank=5``) into the per-module overrides of ``adapter_name``
+    (saved by ``rw.save``, rebuilt by ``rw.load``) and into the adapter's own config."""
+    entry = adapter_state(model)[adapter_name]
+    overrides = entry.setdefault("overrides", {})
+    overrides[module_name] = {**(overrides.get(module_name) or {}), **values}
+    adapter.config = adapter.config.replace(**values)
+
+
+def cubic(step: int, tinit: int, tfinal: int, total: int) -> float:
+    """1 up to ``tinit``, ``(1 - (step - tinit)/(total - tfinal - tinit))³`` in between, 0 from ``total - tfinal``."""
+    if step <= tinit:
+        return 1.0
+    if step >= total - tfinal:
+        return 0.0
+    return (1 - (step - tinit) / (total - tfinal - tinit)) ** 3
+
+
+def layer_rank_check(cfg, hi_name: str = "rank") -> None:
+    """Validate an optional ``layer_rank`` field: None or an int in [0, …]."""
+    v = cfg.layer_rank
+    cfg._check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "layer_rank",
+               "layer_rank is a module's current rank, written by rank allocation: None or an integer ≥ 0.")
