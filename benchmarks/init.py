@@ -88,11 +88,13 @@ def peft_init(model, row: str, data):
 
     init = ROWS[row][1]
     cfg = dict(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=init)
+    # preprocess_corda / preprocess_loraga do not expand "all-linear": name MiniLM's linear layers (no pooler)
+    named = {**cfg, "target_modules": ["query", "key", "value", "dense"]}
     if init == "corda":
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
 
-        lc = LoraConfig(**cfg, corda_config=CordaConfig(corda_method="ipm"))
+        lc = LoraConfig(**named, corda_config=CordaConfig(corda_method="ipm"))
         preprocess_corda(model, lc, run_model=lambda: [model(**b) for b in data])
         return get_peft_model(model, lc)
     if init == "eva":
@@ -107,8 +109,7 @@ def peft_init(model, row: str, data):
 
         from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 
-        # preprocess_loraga does not expand "all-linear": name MiniLM's linear layers (no pooler) outright
-        lc = LoraConfig(**{**cfg, "target_modules": ["query", "key", "value", "dense"]}, lora_ga_config=LoraGAConfig())
+        lc = LoraConfig(**named, lora_ga_config=LoraGAConfig())
         loss_fn = make_loss()
 
         def train_step():
@@ -193,7 +194,11 @@ def main(argv=None):
         peft_name = ROWS[row][1]
         theirs = None
         if peft_name is not None and "CUDA" not in peft_name:
-            theirs = C.run_child(script, ["--child", f"peft:{row}", *common])
+            try:
+                theirs = C.run_child(script, ["--child", f"peft:{row}", *common])
+            except RuntimeError as e:  # report PEFT's failure in the row, keep going
+                print(f"PEFT {row} failed: {str(e).splitlines()[-1]}", flush=True)
+                peft_name += " (failed)"
         out.append([row, C.ms(mine["time"]), C.mib(mine["peak"]), peft_name or "-",
                     C.ms(theirs["time"]) if theirs else "-", C.mib(theirs["peak"]) if theirs else "-",
                     C.ratio(mine["time"] / theirs["time"]) if theirs else "-",

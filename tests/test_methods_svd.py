@@ -164,6 +164,34 @@ def test_svft_sparsity_pattern_in_the_singular_basis(pattern, kw):
     assert torch.equal(support, expected)
 
 
+@pytest.mark.parametrize("pattern", ["banded", "random"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+def test_svft_sparse_forward_and_gradients_match_the_dense_weight_view(pattern, kind):
+    """The banded (shifted multiply-adds) and random (gather/scatter) activation paths give the
+    outputs and the gradients of ``functional(x, W0 + U M Vᵀ)`` with ``M`` built densely."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    if kind == "linear":
+        layer, x = nn.Linear(9, 7), torch.randn(3, 4, 9, generator=g)
+    elif kind == "conv2d":
+        layer, x = nn.Conv2d(3, 5, 3, padding=1), torch.randn(2, 3, 6, 6, generator=g)
+    else:
+        layer, x = nn.Embedding(12, 6), torch.randint(0, 12, (2, 5), generator=g)
+    net = Net(layer)
+    ad = _adapt(net, "svft", pattern=pattern, off_diag=2, num_random=9, seed=4)
+    _perturb(ad.parameters(), 5)
+    out = net(x)
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), [ad.svft_diag, ad.svft_offdiag])
+    view = net.layer.view
+    dense = view.weight2d() + ad.u @ ad.dense_m() @ ad.vt
+    ref = view.functional(x, dense)
+    ref_grads = torch.autograd.grad((ref * w).sum(), [ad.svft_diag, ad.svft_offdiag])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_svft_random_positions_follow_the_seed_and_survive_save_load(tmp_path):
     a = _adapt(_linear(10, 13), "svft", pattern="random", seed=1)
     b = _adapt(_linear(10, 13), "svft", pattern="random", seed=2)

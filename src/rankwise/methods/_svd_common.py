@@ -16,7 +16,9 @@ same build and thread count gives the same bits), so ``rw.save`` stores only wha
 factors independent of LAPACK's sign choice; exactly repeated singular values (a rotation
 ambiguity no convention can fix) are the one case where another LAPACK build could pick other
 vectors. Cost: one thin SVD of ``W0`` per adapted layer at adapt/load time,
-``O(out · in · min(out, in))`` (about 40 ms for 384×1536 on one CPU core).
+``O(out · in · min(out, in))`` — a fraction of a second per BERT-base-sized layer on one CPU
+core (``torch.linalg.svd``; the top-``r`` methods could use a randomized SVD, not done here
+because it would make the factors depend on a random sketch that ``rw.load`` cannot replay).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ formula. ``init="zero"`` starts at ``M = 0`` (then ``W = W0`` exactly).
 Activation view — never forms ``U M Vᵀ``::
 
     h = x V              (N × p, the layer's own op with Vᵀ as an (p, in) weight)
-    h' = M h             (diagonal scale; banded / random: gather + index_add, O(N · nnz))
+    h' = M h             (diagonal: one scale; banded: 2d shifted multiply-adds; random: gather +
+                          index_add; all O(N · nnz))
     y = W0 x + b + h' Uᵀ
 
 Cost: two products of the size of the base layer (``N·in·p + N·p·out``), as in the paper (SVFT
@@ -123,7 +124,7 @@ class Svft(nn.Module):
         super().__init__()
         self.view, self.config = view, config
         p, d, k = _sizes(view, config)
-        self.rank = p
+        self.rank, self.band = p, d
         u, _, vt = weight_svd(view, p)
         self.register_buffer("u", u, persistent=False)  # out × p
         self.register_buffer("vt", vt, persistent=False)  # p × in
@@ -161,8 +162,20 @@ class Svft(nn.Module):
 
     def _mid(self, h: torch.Tensor) -> torch.Tensor:
         out = scale_channels(h, self.svft_diag, self.view)
-        if self.rows.numel():
-            out = coo_channels(h, self.rows, self.cols, self.svft_offdiag, self.view, out=out)
+        if not self.rows.numel():
+            return out
+        if self.config.pattern == "random":
+            return coo_channels(h, self.rows, self.cols, self.svft_offdiag, self.view, out=out)
+        # banded: one shifted, contiguous multiply-add per off-diagonal (cheaper than gather/scatter)
+        dim = 1 if self.view.channel_dim == 1 else h.dim() - 1
+        p, start = self.rank, 0
+        for o in range(1, self.band + 1):
+            n = p - o
+            up, lo = self.svft_offdiag[start:start + n], self.svft_offdiag[start + n:start + 2 * n]
+            start += 2 * n
+            # M[i, i+o] h[i+o] → out[i];   M[i+o, i] h[i] → out[i+o]
+            out.narrow(dim, 0, n).add_(scale_channels(h.narrow(dim, o, n), up, self.view))
+            out.narrow(dim, o, n).add_(scale_channels(h.narrow(dim, 0, n), lo, self.view))
         return out
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
