@@ -132,3 +132,34 @@ def test_demo_method_lineup():
     assert demo_methods(" lora , full ") == ["lora", "full"]
     with pytest.raises(MethodNotFoundError, match="no adapter method named 'lorra'"):
         demo_methods("lora,lorra")
+
+
+@pytest.mark.parametrize("method", ["eva", "lora_ga"])
+def test_finetune_data_driven_init_sees_training_batches(method, tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+    """Methods that declare calibration needs get the first training batches (and the task loss)
+    from the CLI, and what they build is saved and loads back with the same outputs."""
+    import rankwise.cli.common as common
+
+    seen = {}
+    real = common.calibration_for
+
+    def spy(*a, **k):
+        seen["kw"] = real(*a, **k)
+        return seen["kw"]
+
+    monkeypatch.setattr(common, "calibration_for", spy)
+    out = tmp_path / method
+    args = ["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "sentence",
+            "--label-col", "topic", "--method", method, "--rank", "2", "--targets", "query,value",
+            "--steps", "2", "--batch-size", "8", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    kw = seen["kw"]
+    assert len(kw["calibration"].data) == common.CALIBRATION_BATCHES and kw["loss_fn"] is not None
+    assert real("lora", None, [], 8) == {}  # plain methods get nothing
+    from transformers import AutoModelForSequenceClassification
+
+    a = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    rw.load(a, out / "adapter")
+    from rankwise.core.api import adapter_state
+
+    assert adapter_state(a)["default"]["config"].method == method

@@ -44,20 +44,39 @@ def train_memory_bytes(model, batch, loss_fn) -> dict[str, int]:
     return {"weights": weights, "grads": trainable, "optimizer": 2 * trainable, "activations": s.bytes}
 
 
-def prepare(model, method: str, options: dict, head: list[str], seed: int):
+CALIBRATION_BATCHES = 4
+
+
+def calibration_for(method: str, task, train_enc, batch_size: int, n: int = CALIBRATION_BATCHES) -> dict:
+    """``adapt`` keywords for a data-driven init (the method declares ``calibration_needs``): the
+    first ``n`` training batches and the task's loss; ``{}`` for every other method."""
+    if method == FULL or not getattr(get_method(method), "calibration_needs", None):
+        return {}
+    from ..core.calibrate import Batches
+
+    batches = [task.collate(train_enc[i:i + batch_size]) for i in range(0, min(len(train_enc), n * batch_size),
+                                                                         batch_size)]
+    return {"calibration": Batches(batches, loss_fn=task.loss, progress=False), "loss_fn": task.loss}
+
+
+def prepare(model, method: str, options: dict, head: list[str], seed: int, **calibration):
     if method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    return adapt(model, method, seed=seed, modules_to_save=head, **options)
+    return adapt(model, method, seed=seed, modules_to_save=head, **calibration, **options)
 
 
 def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, desc, progress=True):
-    """Fine-tune one method on a fresh model; return (row dict, TrainResult, model)."""
+    """Fine-tune one method on a fresh model; return (row dict, TrainResult, model). A data-driven
+    init sees the first training batches (:func:`calibration_for`); its time counts as training."""
     from ..train import train
 
     model = make_model()
-    model = prepare(model, method, options, head, cfg.seed)
+    t_init = time.perf_counter()
+    model = prepare(model, method, options, head, cfg.seed,
+                    **calibration_for(method, task, train_enc, cfg.batch_size))
+    t_init = time.perf_counter() - t_init
     model.train()
     mem = train_memory_bytes(model, task.collate(train_enc[: cfg.batch_size]), task.loss)
     release_free_memory()  # so memory freed by the previous method does not hide this one's peak
@@ -65,7 +84,7 @@ def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, 
     with PeakRSS() as peak:
         result = train(model, train_enc, task.collate, task.loss, cfg, eval_fn=task.evaluator(valid_enc),
                        progress=progress, desc=desc)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 + t_init
     acc = result.evals[-1][1]["accuracy"] if result.evals else float("nan")
     row = {
         "method": method,

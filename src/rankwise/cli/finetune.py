@@ -10,6 +10,7 @@ def run_finetune(args) -> dict:
     from ..integrations.hf import ClassificationTask, load_sequence_classifier
     from ..io.files import save
     from ..train import TrainConfig, train
+    from . import common
     from .common import FULL, default_lr, method_options, prepare, print_table, write_report
     from .main import _targets
 
@@ -24,9 +25,10 @@ def run_finetune(args) -> dict:
             else _head_names(model))
     opts = {} if args.method == FULL else method_options(
         args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=_targets(args.targets))
-    model = prepare(model, args.method, opts, head, args.seed)
     task = ClassificationTask(tok, max_length=args.max_length)
     train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
+    model = prepare(model, args.method, opts, head, args.seed,
+                    **common.calibration_for(args.method, task, train_enc, args.batch_size))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or default_lr(args.method),
                       seed=args.seed, checkpoint_every=max(1, args.steps // 4))
     result = train(model, train_enc, task.collate, task.loss, cfg, eval_fn=task.evaluator(valid_enc),
