@@ -22,7 +22,7 @@ amplification, alignment); they differ in how:
 * ``unbatched loop``: one ``torch.linalg.svd`` per matrix, wide ones not transposed — what the
   batched, transposing implementation replaces;
 * ``+ representations``: ``auto`` plus the data measures on 64 docstrings (≤ 64 tokens): two
-  forward passes for per-layer CKA and RankMe, and the tangent kernels on 16 examples (4 probes).
+  forward passes for per-layer CKA and RankMe, and the tangent kernels on 8 examples (4 probes).
 
 Wall and CPU seconds are medians over rounds, configurations interleaved in a seeded random order
 per round. The machine is shared, so CPU seconds are the steadier figure.

@@ -167,8 +167,9 @@ def test_svft_sparsity_pattern_in_the_singular_basis(pattern, kw):
 @pytest.mark.parametrize("pattern", ["banded", "random"])
 @pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
 def test_svft_sparse_forward_and_gradients_match_the_dense_weight_view(pattern, kind):
-    """The banded (shifted multiply-adds) and random (gather/scatter) activation paths give the
-    outputs and the gradients of ``functional(x, W0 + U M Vᵀ)`` with ``M`` built densely."""
+    """The banded (shifted multiply-adds, own backward) and random (gather/scatter) activation
+    paths give the outputs and the gradients (coefficients and input) of
+    ``functional(x, W0 + U M Vᵀ)`` with ``M`` built densely."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
     if kind == "linear":
@@ -180,13 +181,14 @@ def test_svft_sparse_forward_and_gradients_match_the_dense_weight_view(pattern, 
     net = Net(layer)
     ad = _adapt(net, "svft", pattern=pattern, off_diag=2, num_random=9, seed=4)
     _perturb(ad.parameters(), 5)
+    wrt = [ad.svft_diag, ad.svft_offdiag] + ([x.requires_grad_(True)] if x.is_floating_point() else [])
     out = net(x)
     w = torch.randn(out.shape, generator=g)
-    grads = torch.autograd.grad((out * w).sum(), [ad.svft_diag, ad.svft_offdiag])
+    grads = torch.autograd.grad((out * w).sum(), wrt)
     view = net.layer.view
     dense = view.weight2d() + ad.u @ ad.dense_m() @ ad.vt
     ref = view.functional(x, dense)
-    ref_grads = torch.autograd.grad((ref * w).sum(), [ad.svft_diag, ad.svft_offdiag])
+    ref_grads = torch.autograd.grad((ref * w).sum(), wrt)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

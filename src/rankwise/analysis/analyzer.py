@@ -107,7 +107,7 @@ def adapters_off(model: nn.Module):
 
 def analyze(base_model: nn.Module, adapted_model: nn.Module | None = None, batches=None, *,
             name: str = "adapted", layers: str | None = None, exclude=None, k: int = 10, eps: float = 0.5,
-            r: int = 8, method: str = "auto", max_tokens: int = 1024, ntk_examples: int = 16, probes: int = 4,
+            r: int = 8, method: str = "auto", max_tokens: int = 1024, ntk_examples: int = 8, probes: int = 4,
             kernel: bool = True, sim_k: int = 20, seed: int = 0, embed_fn=None, cache: dict | None = None,
             progress: bool = False) -> Analysis:
     """Analyze what fine-tuning changed.

@@ -52,7 +52,9 @@ def rankme(z: torch.Tensor, eps: float = RANKME_EPS) -> float:
 
 
 def _centered(x: torch.Tensor) -> torch.Tensor:
-    x = x.detach().double().reshape(x.shape[0], -1)
+    """Columns centered; float32 stays float32 (products accumulate to ~1e-6 relative), float64 stays."""
+    x = x.detach().reshape(x.shape[0], -1)
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     return x - x.mean(0, keepdim=True)
 
 
@@ -70,8 +72,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
         num, dx, dy = (k * l_).sum(), k.norm(), l_.norm()
     else:
         num, dx, dy = (y.mT @ x).square().sum(), (x.mT @ x).norm(), (y.mT @ y).norm()
-    den = dx * dy
-    return float(num / den) if den > 0 else float("nan")
+    num, den = float(num), float(dx) * float(dy)
+    return num / den if den > 0 else float("nan")
 
 
 def center_kernel(k: torch.Tensor) -> torch.Tensor:
@@ -285,7 +287,7 @@ def tangent_kernel(model: nn.Module, batch, names: Iterable[str], probes: int = 
 
 
 def representation_measures(run_base, run_adapted, batches: list, names: Iterable[str], max_tokens: int = 1024,
-                            ntk_examples: int = 16, probes: int = 4, seed: int = 0,
+                            ntk_examples: int = 8, probes: int = 4, seed: int = 0,
                             embed_fn: Callable | None = None, kernel: bool = True) -> dict:
     """CKA per layer, RankMe and CKA of the embeddings, and the tangent-kernel measures.
 

@@ -5,8 +5,8 @@
   matrix, optionally truncated to the top ``rank`` triplets, with a canonical sign per triplet.
 * :func:`low_rank_out` — ``base_out + (layer op with an (k, in) weight) then (out, k) map``, the
   two thin products every method here reduces to (never an ``out × in`` matrix in ``forward``).
-* :func:`scale_channels`, :func:`coo_channels` — a diagonal / sparse ``k × k`` map on the
-  channel axis of an intermediate ``h`` (last axis; axis 1 for convolutions).
+* :func:`scale_channels` — a diagonal ``k × k`` map on the channel axis of an intermediate ``h``
+  (last axis; axis 1 for convolutions).
 * :func:`cayley` — an orthogonal ``r × r`` matrix from ``r(r-1)/2`` free parameters.
 
 Frozen factors computed from ``W0`` are registered as *non-persistent* buffers by the methods:
@@ -64,17 +64,6 @@ def scale_channels(h: torch.Tensor, d: torch.Tensor, view: LayerView) -> torch.T
     if view.channel_dim == 1:
         return h * d.view(1, -1, *([1] * (h.dim() - 2)))
     return h * d
-
-
-def coo_channels(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
-                 view: LayerView, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``M h`` on the channel axis for a sparse ``M`` given as COO ``(rows, cols, vals)``:
-    ``out[..., i] += Σ_{(i, j)} M_ij h[..., j]`` (``out`` defaults to zeros). Cost: O(N · nnz)."""
-    dim = 1 if view.channel_dim == 1 else h.dim() - 1
-    picked = scale_channels(h.index_select(dim, cols), vals, view)
-    if out is None:
-        out = torch.zeros_like(h)
-    return out.index_add(dim, rows, picked)
 
 
 def low_rank_out(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a2d: torch.Tensor,

@@ -29,9 +29,10 @@ formula. ``init="zero"`` starts at ``M = 0`` (then ``W = W0`` exactly).
 Activation view — never forms ``U M Vᵀ``::
 
     h = x V              (N × p, the layer's own op with Vᵀ as an (p, in) weight)
-    h' = M h             (diagonal: one scale; banded: 2d shifted multiply-adds; random: gather +
-                          index_add; all O(N · nnz))
+    h' = M h             (diagonal: one scale; banded: 2d shifted multiply-adds, O(N · nnz))
     y = W0 x + b + h' Uᵀ
+    random pattern: y = W0 x + b + h (U M)ᵀ with U M formed per step by index_add over the
+    nnz columns (O(out · nnz), independent of N; an out × p matrix, not ΔW)
 
 Cost: two products of the size of the base layer (``N·in·p + N·p·out``), as in the paper (SVFT
 trades FLOPs and ``(out + in) · p`` frozen memory for very few trained parameters).
@@ -50,7 +51,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
-from ._svd_common import check_rank_fits, coo_channels, low_rank_out, scale_channels, weight_svd
+from ._svd_common import check_rank_fits, low_rank_out, scale_channels, weight_svd
 
 PATTERNS = ("plain", "banded", "random")
 
@@ -109,6 +110,57 @@ def _random_index(p: int, k: int, generator) -> tuple[torch.Tensor, torch.Tensor
     return rows, cols
 
 
+def _bcast(v: torch.Tensor, h: torch.Tensor, dim: int) -> torch.Tensor:
+    """``v`` shaped to broadcast along axis ``dim`` of ``h``."""
+    return v.view(*([1] * dim), -1, *([1] * (h.dim() - dim - 1)))
+
+
+class _BandMix(torch.autograd.Function):
+    """``h' = M h`` on channel axis ``dim`` for a banded ``M`` (diagonal ``diag``; off-diagonal
+    entries in ``offdiag``, per offset ``o = 1 … d``: ``M[i, i+o]`` then ``M[i+o, i]``).
+
+    Forward and backward are ``2d + 1`` shifted multiply-adds on contiguous slices plus, for the
+    coefficient gradients, one product-and-sum per segment; only ``h`` is saved."""
+
+    @staticmethod
+    def forward(ctx, h, diag, offdiag, band, dim):
+        ctx.band, ctx.dim = band, dim
+        ctx.save_for_backward(h, diag, offdiag)
+        p = h.shape[dim]
+        out = h * _bcast(diag, h, dim)
+        start = 0
+        for o in range(1, band + 1):
+            n = p - o
+            up, lo = offdiag[start:start + n], offdiag[start + n:start + 2 * n]
+            start += 2 * n
+            out.narrow(dim, 0, n).addcmul_(h.narrow(dim, o, n), _bcast(up, h, dim))
+            out.narrow(dim, o, n).addcmul_(h.narrow(dim, 0, n), _bcast(lo, h, dim))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, diag, offdiag = ctx.saved_tensors
+        band, dim = ctx.band, ctx.dim
+        p = h.shape[dim]
+        others = [a for a in range(h.dim()) if a != dim]
+        need_h, need_d, need_o = ctx.needs_input_grad[:3]
+        grad_h = g * _bcast(diag, h, dim) if need_h else None
+        grad_d = (g * h).sum(others) if need_d else None
+        grads_o, start = [], 0
+        for o in range(1, band + 1):
+            n = p - o
+            up, lo = offdiag[start:start + n], offdiag[start + n:start + 2 * n]
+            start += 2 * n
+            g_lo_rows, g_up_rows = g.narrow(dim, o, n), g.narrow(dim, 0, n)  # out rows i+o and i
+            if need_h:  # out[i] += up_i h[i+o];  out[i+o] += lo_i h[i]
+                grad_h.narrow(dim, o, n).addcmul_(g_up_rows, _bcast(up, h, dim))
+                grad_h.narrow(dim, 0, n).addcmul_(g_lo_rows, _bcast(lo, h, dim))
+            if need_o:
+                grads_o += [(g_up_rows * h.narrow(dim, o, n)).sum(others), (g_lo_rows * h.narrow(dim, 0, n)).sum(others)]
+        grad_o = torch.cat(grads_o) if need_o else None
+        return grad_h, grad_d, grad_o, None, None
+
+
 @register("svft")
 class Svft(nn.Module):
     """``ΔW = U M Vᵀ`` with a sparse trained ``M`` (see module docstring)."""
@@ -161,24 +213,19 @@ class Svft(nn.Module):
         return p
 
     def _mid(self, h: torch.Tensor) -> torch.Tensor:
-        out = scale_channels(h, self.svft_diag, self.view)
         if not self.rows.numel():
-            return out
-        if self.config.pattern == "random":
-            return coo_channels(h, self.rows, self.cols, self.svft_offdiag, self.view, out=out)
-        # banded: one shifted, contiguous multiply-add per off-diagonal (cheaper than gather/scatter)
+            return scale_channels(h, self.svft_diag, self.view)
+        # banded: shifted, contiguous multiply-adds in one autograd node (no gather/scatter)
         dim = 1 if self.view.channel_dim == 1 else h.dim() - 1
-        p, start = self.rank, 0
-        for o in range(1, self.band + 1):
-            n = p - o
-            up, lo = self.svft_offdiag[start:start + n], self.svft_offdiag[start + n:start + 2 * n]
-            start += 2 * n
-            # M[i, i+o] h[i+o] → out[i];   M[i+o, i] h[i] → out[i+o]
-            out.narrow(dim, 0, n).add_(scale_channels(h.narrow(dim, o, n), up, self.view))
-            out.narrow(dim, o, n).add_(scale_channels(h.narrow(dim, 0, n), lo, self.view))
-        return out
+        return _BandMix.apply(h, self.svft_diag, self.svft_offdiag, self.band, dim)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.config.pattern == "random" and self.rows.numel():
+            # fold M into U once per step: U M = U diag + Σ_(i,j) M_ij U[:, i] e_jᵀ (O(out · nnz)),
+            # cheaper than a gather/scatter over all N tokens (one more GEMM in backward instead)
+            um = (self.u * self.svft_diag).index_add(
+                1, self.cols, self.u.index_select(1, self.rows) * self.svft_offdiag)
+            return low_rank_out(self.view, x, base_out, self.vt, um)
         return low_rank_out(self.view, x, base_out, self.vt, self.u, mid=self._mid)
 
     def dense_m(self) -> torch.Tensor:

@@ -23,7 +23,9 @@ The projector is any kind of :mod:`rankwise.optim.projectors` (``"svd"`` as in t
 results; ``"random"`` is drawn with orthonormal columns here, as FRUGAL's random projection is, so
 ``P Pᵀ`` is an orthogonal projection and ``g_free`` is exactly the part outside the subspace).
 ``rank`` may be a fraction of the projected dimension (FRUGAL's ``density``, e.g. 0.25).
-FRUGAL's coordinate (RandK) and block (BAdam-style) selections are not implemented.
+At full rank (``r`` = the projected dimension, orthonormal basis) there is no residual and the
+state-free step is skipped. FRUGAL's coordinate (RandK) and block (BAdam-style) selections are not
+implemented.
 State per ``m × n`` matrix: ``2·r·n`` moments and the ``m·r`` basis, as GaLore.
 ``tests/test_optim_more.py`` re-derives one step densely in float64.
 """
@@ -108,7 +110,9 @@ class FRUGAL(LowRankOptimizer):
         direction, step_size = adam_direction(state["exp_avg"], state["exp_avg_sq"], self.bias_step(state), active,
                                               "torch")
         rule = group["inactive_update"]
-        if rule == "none":
+        if rule == "none" or (proj.orthonormal and proj.effective_rank() >= proj.dim):
+            # nothing outside the subspace (at full rank the residual is rounding noise, whose sign
+            # would move every weight by the full state-free step)
             p.add_(proj.project_back(direction).view_as(p), alpha=-step_size)
             return
         # one back-projection of [direction, low] (P Pᵀ G is needed for the residual anyway)
