@@ -1,6 +1,6 @@
 """Time to analyze every linear layer of all-MiniLM-L6-v2 (37 matrices) with rankwise.analysis.
 
-    python benchmarks/analysis.py             # 3 rounds of every configuration (a few minutes on 2 cores)
+    python benchmarks/analysis.py             # 3 rounds of every configuration (minutes; longer on busy cores)
     python benchmarks/analysis.py --quick     # 1 round, no representation measures
     python benchmarks/analysis.py --out results.md
 

@@ -135,7 +135,7 @@ def analyze(base_model: nn.Module, adapted_model: nn.Module | None = None, batch
     if toggle and not adapter_state(base_model):
         raise ConfigError(f"analyze: {type(base_model).__name__} carries no adapters and no fine-tuned model "
                           "was given; pass analyze(base, finetuned) or load adapters first.")
-    with S.linalg_threads():  # small matrices: one thread is as fast and robust on shared cores
+    with S.linalg_threads():  # LINALG_THREADS (default: torch's setting; 1 on oversubscribed cores)
         pairs = weight_pairs(base_model, None if toggle else adapted_model, layers=layers, exclude=exclude)
         t_pairs = time.perf_counter()
         rows, spec_out, sims, bases, best = _weight_measures(pairs, k, eps, r, method, sim_k, seed, cache,

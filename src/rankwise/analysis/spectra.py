@@ -26,10 +26,12 @@ bound; energy at rank ``r`` is a lower bound off by at most ``tail / ‖A‖_F²
 accepts the randomized result only when ``tail / ‖A‖_F² ≤ rtol`` (the matrix is low-rank to
 that accuracy, as every adapter update is) and otherwise recomputes that matrix exactly.
 
-Threads. The decompositions run on :data:`LINALG_THREADS` (default 1) intra-op threads. Measured
+Threads. The decompositions run on :data:`LINALG_THREADS` intra-op threads (default None: torch's
+own setting; set it to 1 on a machine shared with other busy processes). Measured
 on 2 shared cores (MKL 2024.2): the thin SVD of 25 stacked 384×384 matrices takes 0.5–0.75 s on
 one thread but 4–26 s on two while other processes load the cores (OpenMP threads wait on each
-other), and 0.35 s on two idle cores; one thread is the robust choice for matrices this small.
+other), and 0.35 s on two idle cores: one thread is the robust choice under contention, torch's
+default the faster one on idle cores.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from ..linalg import randomized_svd
 
 METHODS = ("full", "randomized", "auto")
 EPS32 = torch.finfo(torch.float32).eps
-LINALG_THREADS = 1
+# intra-op threads for the SVDs; None leaves torch's setting. (On an oversubscribed machine —
+# more busy processes than cores — 1 thread was 5-40x faster for MiniLM's sizes; set it to 1 there.)
+LINALG_THREADS: int | None = None
 
 
 @contextlib.contextmanager
