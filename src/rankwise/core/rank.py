@@ -21,7 +21,7 @@ are ``|θ · ∇θ|``), with ``step`` counted from 1 (the number of optimizer st
   scores, mask / grow / prune / freeze; it keeps the optimizer's per-parameter state consistent
   with any shape change (each method documents how) and records new per-layer ranks in the
   adapter's saved overrides, so ``rw.save`` / ``rw.load`` rebuild them;
-* ``regularization(model, name) -> Tensor | None`` (classmethod): a term to add to the loss.
+* ``rank_regularization(model, name) -> Tensor | None`` (classmethod): a term to add to the loss.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def rank_step(model: nn.Module, step: int, optimizer=None, total_steps: int | No
 def rank_regularization(model: nn.Module) -> torch.Tensor | None:
     """Sum of the adapters' loss terms (AdaLoRA's orthogonality regularizer), or None if none has one."""
     total = None
-    for name, fn in _hooked(model, "regularization"):
+    for name, fn in _hooked(model, "rank_regularization"):
         term = fn(model, name)
         if term is not None:
             total = term if total is None else total + term
@@ -77,5 +77,5 @@ def rank_regularization(model: nn.Module) -> torch.Tensor | None:
 
 
 def has_rank_hooks(model: nn.Module) -> bool:
-    """Whether any adapter of ``model`` has an ``on_step`` or ``regularization`` hook."""
-    return any(True for _ in _hooked(model, "on_step")) or any(True for _ in _hooked(model, "regularization"))
+    """Whether any adapter of ``model`` has an ``on_step`` or ``rank_regularization`` hook."""
+    return any(True for _ in _hooked(model, "on_step")) or any(True for _ in _hooked(model, "rank_regularization"))

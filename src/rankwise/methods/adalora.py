@@ -273,7 +273,7 @@ class AdaLora(nn.Module):
         return ranks
 
     @classmethod
-    def regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
+    def rank_regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
         cfg = adapter_state(model)[name]["config"]
         found = adapters_of(model, "adalora", name)
         if cfg.orth_reg_weight == 0 or not any(ad.lora_A.requires_grad for _, _, ad in found):

@@ -200,7 +200,7 @@ class IncreLora(nn.Module):
         return {"budget": budget, "total_rank": total + len(grown), "grown": grown} if grown else None
 
     @classmethod
-    def regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
+    def rank_regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
         cfg = adapter_state(model)[name]["config"]
         found = adapters_of(model, "increlora", name)
         if cfg.orth_reg_weight == 0 or not any(ad.lora_A.requires_grad for _, _, ad in found):
