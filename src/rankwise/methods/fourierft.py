@@ -101,7 +101,7 @@ class FourierFT(nn.Module):
     summary = "ΔW = α·Re(IDFT2(F)), F sparse: K trained coefficients at fixed random frequencies (Gao et al. 2024)"
     identity_at_init = False  # c ~ N(0, 1) as in the paper; init='zeros' starts at ΔW = 0
     merge_atol = 1e-5
-    default_lr = 5e-2
+    default_lr = 2e-2  # measured on MiniLM (one-batch memorization): as fast as LoRA at 3e-3, stable
     demo_options = {"n_frequency": 1000, "scaling": 150.0}
 
     def __init__(self, view: LayerView, config: FourierFTConfig, generator=None, calibration=None):
