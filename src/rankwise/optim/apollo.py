@@ -13,6 +13,8 @@ tensor) estimated in a random low-rank auxiliary space. For ``W ∈ R^{m×n}`` w
     s   = ‖Ñ‖ / (‖R‖ + 1e-8)                                           (one number; "tensor")
     U   = √α · G ⊙ s                                                  (α = ``scale``)
     U   ← U / max(1, ‖U‖ / (1.01 γ_{t-1})),   γ_t = ‖U‖               (Fira's norm-growth limiter)
+                                      (U is never formed: ‖U‖ comes from the channel norms of G, and
+                                       the update is one fused W ← W − η_t·G⊙(√α·s/limiter))
     W   ← W − lr · √(1−β₂ᵗ)/(1−β₁ᵗ) · U,   then   W ← W − lr·λ·W      (decoupled decay)
 
 ``scale_front=True`` multiplies by ``√α`` before the limiter instead of after;
@@ -126,28 +128,34 @@ class APOLLO(LowRankOptimizer):
         adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, group["betas"], "hf")
         norm_grad, step_size = adam_direction(state["exp_avg"], state["exp_avg_sq"], state["step"], group, "hf")
 
-        # channels are the side that is not projected: columns for a left projection, rows for a right one
+        # channels are the side that is not projected: columns for a left projection, rows for a right one.
+        # U = √α·G⊙s is never formed: its norm is √(Σ_c s_c² ‖G_c‖²) from the channel norms of G, and
+        # the weight update is one fused W ← W − η_t·G⊙(s·√α/limiter).
+        root_scale = math.sqrt(group["scale"])
+        front = root_scale if group["scale_front"] else 1.0
         if group["scale_type"] == "channel":
             dim = 0 if side == "left" else 1
             factor = norm_grad.norm(dim=dim) / (low.norm(dim=dim) + 1e-8)
             factor = factor.unsqueeze(0) if side == "left" else factor.unsqueeze(1)
+            if not group["disable_nl"]:
+                channel_norms = grad.norm(dim=dim, keepdim=True)
+                norm = (factor * channel_norms).norm() * front
         else:
             factor = norm_grad.norm() / (low.norm() + 1e-8)
-        update = grad * factor
-        root_scale = math.sqrt(group["scale"])
-        if group["scale_front"]:
-            update.mul_(root_scale)
+            if not group["disable_nl"]:
+                norm = factor * grad.norm() * front
+        mult = factor * front
         if not group["disable_nl"]:
-            norm = update.norm()
             if "scaled_grad" in state:
                 limiter = torch.clamp(norm / (state["scaled_grad"] + 1e-8), min=1.01) / 1.01
-                update.div_(limiter)
+                mult = mult / limiter
                 state["scaled_grad"] = norm / limiter
             else:
                 state["scaled_grad"] = norm
         if not group["scale_front"]:
-            update.mul_(root_scale)
-        p.add_(update.view_as(p), alpha=-step_size)
+            mult = mult * root_scale
+        w = p if p.ndim == 2 else p.view(grad.shape)
+        w.addcmul_(grad, mult.to(w.dtype), value=-step_size)
         if group["weight_decay"]:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
