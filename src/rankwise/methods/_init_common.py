@@ -149,8 +149,9 @@ class ResidualLowRank(nn.Module):
                                      f"do not fit rank {r} and weight {n_out}x{n_in}.")
         self.lora_A = nn.Parameter(a0.clone())
         self.lora_B = nn.Parameter(b0.clone())
-        self.register_buffer("init_A", a0)
-        self.register_buffer("init_B", b0)
+        # a slice of a batched decomposition would keep the whole stack alive: own the storage
+        self.register_buffer("init_A", _owned(a0))
+        self.register_buffer("init_B", _owned(b0))
 
     # ---- the update in factored form -------------------------------------------------------
     def trained(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,3 +283,9 @@ def planned(calibration, key: str, rank: int):
     they were computed for ``rank`` (``module_overrides`` may give a layer another rank)."""
     got = getattr(calibration, "extra", {}).get(key)
     return got if got is not None and got[0].shape[-1] == rank else None
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it owns its storage, else a compact copy (so a view into a batched SVD/QR
+    stack does not pin the full stack in memory for the adapter's lifetime)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()

@@ -35,8 +35,12 @@ class OloraConfig(InitConfig):
 def weight_qrs(views: dict[str, LayerView], rank: int) -> dict[str, tuple]:
     """``(Q[:, :r], R[:r])`` of every view's ``W0``, batched over equal shapes."""
     names = list(views)
-    res = batched_map(lambda st: qr_positive(st), [views[n].weight2d().detach() for n in names])
-    return {n: (q[:, :rank], r[:rank]) for n, (q, r) in zip(names, res)}
+    def first_r(stack):
+        q, r = qr_positive(stack)  # the full Q, R are freed as soon as the first r are copied out
+        return q[..., :rank].contiguous(), r[..., :rank, :].contiguous()
+
+    res = batched_map(first_r, [views[n].weight2d().detach() for n in names])
+    return dict(zip(names, res))
 
 
 @register("olora")
