@@ -565,3 +565,64 @@ def test_methods_registered_with_docs():
         doc = __import__(f"rankwise.methods.{name}", fromlist=["_"]).__doc__
         assert "arXiv" in doc and "Parameters" in doc, name
         assert cls.summary and cls.default_lr > 0
+
+
+# ================================================================================================
+# training hooks: rw.rank_step / rw.rank_regularization (what rankwise.train calls) drive SoRA's
+# proximal step and pruning and LaMDA's freezing schedule
+# ================================================================================================
+def test_sora_rank_step_thresholds_by_the_gate_group_lr_and_prunes_at_the_end():
+    net = nn.Sequential(nn.Linear(8, 6))
+    rw.adapt(net, "sora", rank=5, lam=0.3, targets=["0"], seed=0)
+    ad = net[0].adapters["default"]
+    _perturb([ad.sora_B], seed=3)
+    with torch.no_grad():
+        ad.sora_gate.copy_(torch.tensor([0.5, -0.05, 0.2, -0.9, 0.1]))
+    # the gates sit in their own group with lr 0.5 (threshold 0.15); A, B in another
+    opt = torch.optim.SGD([{"params": [ad.sora_A, ad.sora_B], "lr": 9.0}, {"params": [ad.sora_gate], "lr": 0.5}])
+    info = rw.rank_step(net, 1, opt, total_steps=2)
+    torch.testing.assert_close(ad.sora_gate.detach(), torch.tensor([0.35, 0.0, 0.05, -0.75, 0.0]), atol=1e-7, rtol=0)
+    assert info == {"default": {"nonzero gates": 3}}
+    a_full, b_full = ad.sora_A.detach().clone(), ad.sora_B.detach().clone()
+    info = rw.rank_step(net, 2, opt, total_steps=2)  # last step: threshold again, then prune
+    expect = torch.tensor([0.2, -0.6])  # 0.05 hits zero at the second threshold
+    assert info["default"]["ranks"] == {"0": 2} and ad.rank == 2
+    torch.testing.assert_close(ad.sora_gate.detach(), expect, atol=1e-7, rtol=0)
+    # ΔW of the pruned adapter = the unpruned factors with the twice-thresholded gate (zeros included)
+    gate2 = torch.tensor([0.2, 0.0, 0.0, -0.6, 0.0])
+    torch.testing.assert_close(net[0].delta_weight(), ad.scale * (b_full * gate2) @ a_full, atol=1e-6, rtol=0)
+    # no optimizer holding the gates: no proximal step
+    net2 = nn.Sequential(nn.Linear(8, 6))
+    rw.adapt(net2, "sora", rank=3, targets=["0"], seed=0)
+    assert rw.rank_step(net2, 1, None) == {}
+    assert torch.equal(net2[0].adapters["default"].sora_gate, torch.ones(3))
+
+
+def test_train_runs_sora_proximal_steps_and_lamda_freezing():
+    from rankwise.train import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(12, generator=g), torch.randn(10, generator=g)) for _ in range(32)]
+
+    def collate(items):
+        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+    def loss_fn(m, batch):
+        return (m(batch[0]) - batch[1]).square().mean()
+
+    cfg = TrainConfig(steps=6, batch_size=4, lr=0.05, warmup=0, weight_decay=0.0)
+    # SoRA with a λ so large that the first threshold (λ·lr = 50·0.05) zeroes every gate: all ranks pruned
+    net = rw.adapt(nn.Sequential(nn.Linear(12, 10)), "sora", rank=4, lam=50.0, targets=["0"], seed=0)
+    train(net, data, collate, loss_fn, cfg, progress=False)
+    assert net[0].adapters["default"].rank == 0
+    assert adapter_state(net)["default"]["config"].rank_pattern == {"0": 0}
+    # λ = 0: plain training, no pruning
+    net = rw.adapt(nn.Sequential(nn.Linear(12, 10)), "sora", rank=4, lam=0.0, targets=["0"], seed=0)
+    train(net, data, collate, loss_fn, cfg, progress=False)
+    assert net[0].adapters["default"].rank == 4
+    # LaMDA: B frozen column by column over freeze_steps=4 optimizer steps
+    net = rw.adapt(nn.Sequential(nn.Linear(12, 10)), "lamda", rank=4, freeze_steps=4, targets=["0"], seed=0)
+    train(net, data, collate, loss_fn, cfg, progress=False)
+    ad = net[0].adapters["default"]
+    assert ad.frozen_columns() == 4 and not ad.lamda_B.requires_grad
+    assert rw.trainable_parameters(net) == 16

@@ -531,6 +531,10 @@ def test_hra_symmetric_init_is_identity_up_to_rounding_and_regularizer():
     with torch.no_grad():  # orthonormal columns: no penalty
         ad.hra_u.copy_(torch.linalg.qr(torch.randn(16, 4)).Q)
     assert ad.regularization().abs() < 1e-5
+    # rw.rank_regularization (what rankwise.train adds to the loss) is the same sum; None when reg = 0
+    torch.testing.assert_close(rw.rank_regularization(model), orthogonality_loss(model))
+    plain = rw.adapt(copy.deepcopy(net), "hra", rank=4, targets=["0", "1"], seed=0)
+    assert rw.rank_regularization(plain) is None
 
 
 def test_hra_config_errors():

@@ -281,6 +281,24 @@ def test_sorsa_is_the_residual_plus_the_trained_principal_part():
     torch.testing.assert_close(regularizer(net), ad.orthonormal_loss())
 
 
+def test_sorsa_loss_term_hook_is_gamma_times_the_mean_regularizer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 9))
+    rw.adapt(net, "sorsa", rank=3, gamma=0.25, targets=["0", "1"], seed=0)
+    ads = [net[i].adapters["default"] for i in range(2)]
+    assert float(rw.rank_regularization(net)) < 1e-5  # orthonormal at init
+    _perturb([p for ad in ads for p in (ad.sorsa_U, ad.sorsa_Vt)], 4)
+    # closed form, from the parameters: ‖UᵀU − I‖_F + ‖V Vᵀ − I‖_F per layer, mean over layers, × γ
+    terms = [torch.linalg.norm(ad.sorsa_U.t() @ ad.sorsa_U - torch.eye(3)) +
+             torch.linalg.norm(ad.sorsa_Vt @ ad.sorsa_Vt.t() - torch.eye(3)) for ad in ads]
+    torch.testing.assert_close(rw.rank_regularization(net), 0.25 * (terms[0] + terms[1]) / 2)
+    off = nn.Sequential(nn.Linear(10, 12))
+    rw.adapt(off, "sorsa", rank=3, gamma=0.0, targets=["0"], seed=0)
+    assert rw.rank_regularization(off) is None
+    with pytest.raises(ConfigError, match="gamma"):
+        rw.adapt(nn.Sequential(nn.Linear(10, 12)), "sorsa", rank=3, gamma=-1.0, targets=["0"])
+
+
 def test_sorsa_regularizer_keeps_the_factors_orthonormal():
     def run(gamma):
         net = _linear(12, 10)

@@ -238,10 +238,10 @@ def train(
                 nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            scheduler.step()
             step += 1
-            if ranked:  # rank allocation (AdaLoRA, DyLoRA, IncreLoRA, AfLoRA): needs this step's .grad
-                rank_step(model, step, optimizer, total_steps=config.steps)
+            if ranked:  # rank allocation, SoRA's proximal step, LaMDA's freezing: needs this step's .grad
+                rank_step(model, step, optimizer, total_steps=config.steps)  # and lr (before the scheduler moves it)
+            scheduler.step()
             losses.append((total / config.grad_accum).item())  # the one host sync per step
             lrs.append(float(lr))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{float(lr):.2e}", refresh=False)

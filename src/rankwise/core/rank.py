@@ -1,8 +1,10 @@
 """Rank allocation during training: one entry point for every loop.
 
 Methods that change their rank (or which parameters train) while training — AdaLoRA, DyLoRA,
-IncreLoRA, AfLoRA — expose two optional class-level hooks, and any training loop drives them
-through the two functions here::
+IncreLoRA, AfLoRA, SoRA (proximal step on its gates, pruning), LaMDA (progressive freezing) — or
+that add a term to the loss — AdaLoRA and IncreLoRA (orthogonality), SORSA (orthonormal
+regularizer), HRA (with ``reg > 0``) — expose two optional class-level hooks, and any training
+loop drives them through the two functions here::
 
     for step, batch in enumerate(batches, start=1):
         loss = loss_fn(model, batch)
@@ -13,7 +15,8 @@ through the two functions here::
         optimizer.zero_grad()
 
 ``rank_step`` must run while the gradients of the step are still in ``.grad`` (importance scores
-are ``|θ · ∇θ|``), with ``step`` counted from 1 (the number of optimizer steps taken).
+are ``|θ · ∇θ|``) and before a scheduler changes the learning rate (SoRA thresholds by the step's
+``lr``), with ``step`` counted from 1 (the number of optimizer steps taken).
 :func:`rankwise.train.train` calls both. A method's hooks (see the method files):
 
 * ``on_step(model, name, step, optimizers, total_steps) -> dict | None`` (classmethod; ``total_steps``
@@ -67,7 +70,8 @@ def rank_step(model: nn.Module, step: int, optimizer=None, total_steps: int | No
 
 
 def rank_regularization(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the adapters' loss terms (AdaLoRA's orthogonality regularizer), or None if none has one."""
+    """Sum of the adapters' loss terms (AdaLoRA's orthogonality regularizer, SORSA's orthonormal
+    one, …), or None if none has one."""
     total = None
     for name, fn in _hooked(model, "rank_regularization"):
         term = fn(model, name)

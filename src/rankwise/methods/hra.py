@@ -144,6 +144,16 @@ class Hra(nn.Module):
         a, b = self._factors()
         return self.view.to_param(b @ a)
 
+    @classmethod
+    def rank_regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
+        """Loss-term hook (``rw.rank_regularization``; ``rankwise.train`` adds it): the sum of the
+        ``reg > 0`` regularizers of adapter ``name``, or None when ``reg = 0``."""
+        from ..core.api import adapter_state
+
+        if not adapter_state(model)[name]["config"].reg:
+            return None
+        return orthogonality_loss(model, name)
+
     def regularization(self) -> torch.Tensor:
         """``λ ‖I − ÛᵀÛ‖²_F`` with ``Û`` the unit columns of ``U`` (0 when ``reg = 0``)."""
         u = self.hra_u

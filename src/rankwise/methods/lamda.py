@@ -11,7 +11,8 @@ component (column) at a time, during the first ``freeze_steps`` optimizer steps,
 start from the spectrum of ``W0 = U Σ Vᵀ``: ``A = V_rᵀ``, ``B = U_r`` (top-``r`` singular vectors),
 and ``S = 0``, so the adapted model equals the base exactly at init.
 
-Freezing schedule (call :func:`freeze_step` after each ``optimizer.step()``, or once with any
+Freezing schedule (``rw.rank_step`` / ``rankwise.train`` drive it through the ``on_step`` hook;
+in a hand-written loop call :func:`freeze_step` after each ``optimizer.step()``, or once with any
 step count): component ``j`` (0-based, in the order ``freeze_order`` — by default the one with the
 largest singular value first) is frozen once ``step ≥ ⌈freeze_steps · (j+1) / r⌉``. A frozen
 column keeps the value it had when frozen (a frozen copy is used from then on, so momentum or
@@ -126,6 +127,15 @@ class Lamda(nn.Module):
         return r * r + (view.out_features * r if config.freeze_steps > 0 else 0)
 
     # ---- freezing -----------------------------------------------------------------------------
+    @classmethod
+    def on_step(cls, model: nn.Module, name: str, step: int, optimizers, total_steps=None) -> dict | None:
+        """``rw.rank_step`` hook (``rankwise.train`` calls it): advance the freezing schedule of
+        adapter ``name`` to optimizer step ``step``; reports the frozen columns when they change."""
+        before = sum(layer.adapters[name].frozen_columns() for _, layer in adapted_layers(model)
+                     if name in layer.adapters)
+        frozen = sum(freeze_step(model, step, name).values())
+        return {"frozen B columns": frozen} if frozen != before else None
+
     def frozen_columns(self) -> int:
         """How many columns of ``B`` are frozen (kept on the host: forward never syncs a device)."""
         if self._n_frozen is None:

@@ -17,8 +17,12 @@ adapter's config as ``rank_pattern`` (module name → rank), which ``rw.save`` r
 ``rw.load`` rebuilds the pruned shapes. ``s`` keeps the initial rank ``r₀`` (``config.rank``),
 so pruning never rescales the update.
 
-Training loop (proximal gradient descent on the gates, as in the paper: a plain gradient step,
-then the threshold; ``A`` and ``B`` train with any optimizer)::
+``rankwise.train`` (or any loop calling ``rw.rank_step(model, step, optimizer, total_steps)``)
+does this through the ``on_step`` hook: after each optimizer step the gates are soft-thresholded by
+``lam · lr`` (``lr`` of the gates' param group), and at the last step the zero gates are pruned
+(``prune_at_end``). A hand-written loop with the paper's separate gate optimizer (proximal
+gradient descent on the gates: a plain gradient step, then the threshold; ``A`` and ``B`` train
+with any optimizer)::
 
     gate_opt = torch.optim.SGD(sora.gate_parameters(model), lr=lr_g)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad
@@ -60,11 +64,15 @@ from ._shared_common import float_kw, low_rank_forward, positive_int
 @dataclass
 class SoraConfig(AdapterConfig):
     """rank: r₀, the initial rank; alpha: s = α/r₀ (None: α = r₀); dropout: on the adapter's input;
+    lam: λ of the L1 penalty the ``on_step`` hook applies (threshold λ·lr per step; 0: off);
+    prune_at_end: prune the zero gates at the last step of a loop that knows its length;
     rank_pattern: module name → rank after pruning (written by :func:`prune`)."""
 
     rank: int = 8
     alpha: float | None = None
     dropout: float = 0.0
+    lam: float = 0.1
+    prune_at_end: bool = True
     rank_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -72,6 +80,8 @@ class SoraConfig(AdapterConfig):
         positive_int(self, "rank")
         self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
         self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
+        self._check(isinstance(self.lam, (int, float)) and not isinstance(self.lam, bool) and self.lam >= 0, "lam",
+                    "lam (λ of the gate's L1 penalty) must be a number ≥ 0; 0 turns the proximal step off.")
         self._check(isinstance(self.rank_pattern, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.rank
             for k, v in self.rank_pattern.items()), "rank_pattern",
@@ -128,6 +138,24 @@ class Sora(nn.Module):
         return self.view.to_param(((self.sora_B * self.sora_gate) @ self.sora_A) * self.scale)
 
     # ---- sparsity -----------------------------------------------------------------------------
+    @classmethod
+    def on_step(cls, model: nn.Module, name: str, step: int, optimizers, total_steps=None) -> dict | None:
+        """``rw.rank_step`` hook (``rankwise.train`` calls it after each optimizer step): the
+        proximal step with threshold ``λ · lr`` (``lr``: the learning rate of the param group that
+        holds the gates, read from ``optimizers``; no optimizer holding them, no step), then, at
+        ``step == total_steps`` with ``prune_at_end``, :func:`prune` with the optimizers' state."""
+        found = _sora_adapters(model, name)
+        if not found:
+            return None
+        cfg = found[0][2].config
+        lr = _gate_lr(optimizers, found[0][2].sora_gate)
+        info = {}
+        if cfg.lam and lr is not None:
+            info["nonzero gates"] = sum(ad.proximal_(lr * cfg.lam) for _, _, ad in found)
+        if cfg.prune_at_end and total_steps is not None and step == total_steps:
+            info["ranks"] = prune(model, name, optimizer=list(optimizers))[name]
+        return info or None
+
     @torch.no_grad()
     def proximal_(self, threshold: float) -> int:
         """Soft-threshold the gate in place; return how many gates are non-zero."""
@@ -168,6 +196,14 @@ def _sora_adapters(model: nn.Module, name: str | None):
             if n in layer.adapters:
                 out.append((n, lname, layer.adapters[n]))
     return out
+
+
+def _gate_lr(optimizers, gate: torch.Tensor) -> float | None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if any(p is gate for p in group["params"]):
+                return float(group["lr"])
+    return None
 
 
 def gate_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

@@ -11,8 +11,9 @@ adds the orthonormal regularizer (Frobenius norms, not squared, as the reference
 
     L_reg = ‖U_pᵀ U_p − I‖_F + ‖V_pᵀ V_p − I‖_F
 
-Call :meth:`Sorsa.orthonormal_loss` per layer or :func:`regularizer` for the mean over all SORSA
-adapters of a model and add ``γ · L_reg`` to the task loss. The paper writes the update as a
+``rankwise.train`` (and any loop using ``rw.rank_regularization``) adds ``γ · mean L_reg`` over the
+adapter's layers to the task loss (``gamma``, default 4e-4 as in the paper's experiments); by hand, use
+:meth:`Sorsa.orthonormal_loss` per layer or :func:`regularizer` for the mean over all SORSA adapters. The paper writes the update as a
 separate step ``W_p ← W_p − η_t ∇L_train − γ_t ∇L_reg``; with plain SGD that is adding
 ``(γ_t/η_t) · L_reg`` to the loss (with Adam the two differ; the reference trainer adds it).
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.api import adapted_layers
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
@@ -45,14 +47,18 @@ from ._svd_common import check_rank_fits, low_rank_out, scale_channels, weight_s
 
 @dataclass
 class SorsaConfig(AdapterConfig):
-    """rank: r, the principal singular triplets made trainable (clamped to min(out, in))."""
+    """rank: r, the principal singular triplets made trainable (clamped to min(out, in));
+    gamma: γ of the orthonormal regularizer that ``rankwise.train`` adds (0: none)."""
 
     rank: int = 8
+    gamma: float = 4e-4
 
     def __post_init__(self):
         super().__post_init__()
         self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
                     "rank", "rank must be a positive integer.")
+        self._check(isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool) and self.gamma >= 0,
+                    "gamma", "gamma (weight of the orthonormal regularizer) must be a number ≥ 0 (0 turns it off).")
 
 
 @register("sorsa")
@@ -82,6 +88,16 @@ class Sorsa(nn.Module):
     @classmethod
     def num_params(cls, view: LayerView, config: SorsaConfig) -> int:
         return check_rank_fits(view, config.rank) * (view.out_features + view.in_features + 1)
+
+    @classmethod
+    def rank_regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
+        """Loss-term hook (``rw.rank_regularization``; ``rankwise.train`` adds it):
+        ``γ ·`` the mean :meth:`orthonormal_loss` over adapter ``name``'s layers (None if γ = 0)."""
+        layers = [ad for _, layer in adapted_layers(model) for n, ad in layer.adapters.items()
+                  if n == name and isinstance(ad, Sorsa)]
+        if not layers or not layers[0].config.gamma:
+            return None
+        return layers[0].config.gamma * torch.stack([ad.orthonormal_loss() for ad in layers]).mean()
 
     def orthonormal_loss(self) -> torch.Tensor:
         """``‖U_pᵀ U_p − I‖_F + ‖V_pᵀ V_p − I‖_F`` (zero while the factors stay orthonormal)."""
