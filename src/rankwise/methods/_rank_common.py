@@ -11,7 +11,9 @@
 * :func:`record_rank` — write a module's new rank into the adapter's per-module overrides (which
   ``rw.save`` stores and ``rw.load`` rebuilds) and into the adapter's config;
 * :func:`cubic` — the cubic schedule of AdaLoRA's budget, 1 → 0 between ``tinit`` and
-  ``total - tfinal``.
+  ``total - tfinal``;
+* :class:`Triplets` — the SVD-form update ``ΔW = s · B diag(E) A`` of AdaLoRA and IncreLoRA
+  (parameters, both views, the parameter count and the per-entry importance of ``A, E, B``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 from torch import nn
 
 from ..core.api import adapted_layers, adapter_state
+from ..core.layers import LayerView
 from ..errors import AdapterNotFoundError, ConfigError
+from ._shared_common import float_kw, low_rank_forward
 
 
 def adapters_of(model: nn.Module, method: str, name: str | None = None) -> list[tuple[str, str, nn.Module]]:
@@ -128,3 +132,46 @@ def layer_rank_check(cfg, hi_name: str = "rank") -> None:
     v = cfg.layer_rank
     cfg._check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "layer_rank",
                "layer_rank is a module's current rank, written by rank allocation: None or an integer ≥ 0.")
+
+
+class Triplets(nn.Module):
+    """``ΔW = s · B diag(E) A``: ``A`` (r × in), ``E`` (r × 1), ``B`` (out × r), with ``r`` the
+    config's ``layer_rank`` (a module's current rank, written by allocation) or else ``rank``.
+
+    ``A, B ~ N(0, std²)`` and ``E = 0`` (the update starts at exactly zero). Activation view:
+    ``base_out + s · (B ⊙ Eᵀ)(A x)``, LoRA's cost. ``_sens`` holds a :class:`Sensitivity` of each of
+    ``A, E, B`` for the importance scores. Parameters per layer: ``r (in + out + 1)``.
+    """
+
+    def _init_triplets(self, view: LayerView, config, std: float, generator=None) -> None:
+        r = config.rank if config.layer_rank is None else config.layer_rank
+        self.view, self.config, self.scale = view, config, config.scale
+        kw = float_kw(view)
+        self.lora_A = nn.Parameter(torch.zeros(r, view.in_features, **kw))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **kw))
+        with torch.no_grad():
+            self.lora_A.normal_(0.0, std, generator=generator)
+            self.lora_B.normal_(0.0, std, generator=generator)
+        self.reset_sensitivity()
+
+    def reset_sensitivity(self) -> None:
+        self._sens = {k: Sensitivity(self.config.beta1, self.config.beta2) for k in ("A", "E", "B")}
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @classmethod
+    def num_params(cls, view: LayerView, config) -> int:
+        r = config.rank if config.layer_rank is None else config.layer_rank
+        return r * (view.in_features + view.out_features + 1)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:
+            return base_out
+        return low_rank_forward(self.view, x, base_out, self.lora_A, self.lora_B * self.lora_E.view(1, -1),
+                                self.scale, self.config.dropout, self.training)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.view.to_param(((self.lora_B * self.lora_E.view(1, -1)) @ self.lora_A) * self.scale)

@@ -64,8 +64,8 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
-from ._rank_common import Sensitivity, adapters_of, layer_rank_check, record_rank, resize_
-from ._shared_common import float_kw, low_rank_forward, positive_int
+from ._rank_common import Triplets, adapters_of, layer_rank_check, record_rank, resize_
+from ._shared_common import positive_int
 
 EPS = 1e-5  # PEFT: scaling / (ranknum + 1e-5)
 
@@ -150,7 +150,7 @@ class _Allocator:
 
 
 @register("adalora")
-class AdaLora(nn.Module):
+class AdaLora(Triplets):
     """SVD-form low-rank update with importance-based rank budget (see module docstring)."""
 
     Config = AdaLoraConfig
@@ -163,35 +163,8 @@ class AdaLora(nn.Module):
     def __init__(self, view: LayerView, config: AdaLoraConfig, generator=None, calibration=None):
         super().__init__()
         view.check_rank(config.rank, "adalora")
-        r = config.rank if config.layer_rank is None else config.layer_rank
-        self.view, self.config, self.scale = view, config, config.scale
-        kw = float_kw(view)
-        self.lora_A = nn.Parameter(torch.zeros(r, view.in_features, **kw))
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **kw))
-        with torch.no_grad():
-            self.lora_A.normal_(0.0, 0.02, generator=generator)
-            self.lora_B.normal_(0.0, 0.02, generator=generator)
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool))
-        self._sens = {k: Sensitivity(config.beta1, config.beta2) for k in ("A", "E", "B")}
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
-
-    @classmethod
-    def num_params(cls, view: LayerView, config: AdaLoraConfig) -> int:
-        r = config.rank if config.layer_rank is None else config.layer_rank
-        return r * (view.in_features + view.out_features + 1)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        if self.rank == 0:
-            return base_out
-        return low_rank_forward(self.view, x, base_out, self.lora_A, self.lora_B * self.lora_E.view(1, -1),
-                                self.scale, self.config.dropout, self.training)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.view.to_param(((self.lora_B * self.lora_E.view(1, -1)) @ self.lora_A) * self.scale)
+        self._init_triplets(view, config, 0.02, generator)
+        self.register_buffer("rank_mask", torch.ones(self.rank, dtype=torch.bool))
 
     # ---- budget allocation ----------------------------------------------------------------------
     def _params(self):
@@ -248,7 +221,7 @@ class AdaLora(nn.Module):
         if step == end:
             ranks = cls._mask_to_budget(found, alloc.init_bgt - alloc.target_bgt)
             for _, _, ad in found:
-                ad._sens = {k: Sensitivity(cfg.beta1, cfg.beta2) for k in ("A", "E", "B")}
+                ad.reset_sensitivity()
             if cfg.resize:
                 ranks = prune(model, name, optimizers)[name]
             return {"budget": alloc.target_bgt, "ranks": ranks, "final": True}

@@ -44,8 +44,8 @@ from ..core.api import adapter_state
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
-from ._rank_common import Sensitivity, adapters_of, layer_rank_check, record_rank, resize_
-from ._shared_common import float_kw, low_rank_forward, positive_int
+from ._rank_common import Triplets, adapters_of, layer_rank_check, record_rank, resize_
+from ._shared_common import positive_int
 
 
 @dataclass
@@ -106,7 +106,7 @@ class IncreLoraConfig(AdapterConfig):
 
 
 @register("increlora")
-class IncreLora(nn.Module):
+class IncreLora(Triplets):
     """SVD-like low-rank update that grows where importance is high (see module docstring)."""
 
     Config = IncreLoraConfig
@@ -119,36 +119,11 @@ class IncreLora(nn.Module):
     def __init__(self, view: LayerView, config: IncreLoraConfig, generator=None, calibration=None):
         super().__init__()
         view.check_rank(config.rank, "increlora")
-        r = config.rank if config.layer_rank is None else config.layer_rank
-        self.view, self.config, self.scale = view, config, config.scale
-        kw = float_kw(view)
-        self.lora_A = nn.Parameter(torch.zeros(r, view.in_features, **kw))
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **kw))
-        with torch.no_grad():
-            self.lora_A.normal_(0.0, config.init_std, generator=generator)
-            self.lora_B.normal_(0.0, config.init_std, generator=generator)
-        self._sens = {k: Sensitivity(config.beta1, config.beta2) for k in ("A", "E", "B")}
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
+        self._init_triplets(view, config, config.init_std, generator)
 
     @property
     def max_rank(self) -> int:
         return min(self.view.in_features, self.view.out_features)
-
-    @classmethod
-    def num_params(cls, view: LayerView, config: IncreLoraConfig) -> int:
-        r = config.rank if config.layer_rank is None else config.layer_rank
-        return r * (view.in_features + view.out_features + 1)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        return low_rank_forward(self.view, x, base_out, self.lora_A, self.lora_B * self.lora_E.view(1, -1),
-                                self.scale, self.config.dropout, self.training)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.view.to_param(((self.lora_B * self.lora_E.view(1, -1)) @ self.lora_A) * self.scale)
 
     # ---- allocation ------------------------------------------------------------------------------
     def _params(self):

@@ -46,11 +46,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.api import adapted_layers, adapter_state
+from ..core.api import adapted_layers
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
-from ..errors import AdapterNotFoundError, ConfigError
+from ..errors import ConfigError
+from ._rank_common import adapters_of
 from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
@@ -190,15 +191,7 @@ def freeze_step(model: nn.Module, step: int, name: str | None = None) -> dict[st
     step ``step`` (call it after ``optimizer.step()``). Returns {module name: frozen columns}."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ConfigError(f"freeze_step: step={step!r} must be a non-negative integer (the optimizer step count).")
-    state = adapter_state(model)
-    if name is not None and name not in state:
-        raise AdapterNotFoundError(f"model has no adapter '{name}'; it has {sorted(state) or 'none'}.")
-    names = [n for n, e in state.items() if e["config"].method == "lamda"] if name is None else [name]
-    if name is not None and state[name]["config"].method != "lamda":
-        raise ConfigError(f"adapter '{name}' is a {state[name]['config'].method} adapter, not lamda.")
     out = {}
-    for lname, layer in adapted_layers(model):
-        for n in names:
-            if n in layer.adapters:
-                out[lname] = layer.adapters[n].freeze_due(step)
+    for _, lname, ad in adapters_of(model, "lamda", name):
+        out[lname] = ad.freeze_due(step)
     return out

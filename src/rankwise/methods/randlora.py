@@ -46,6 +46,7 @@ from ..core.layers import LayerView
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
 from ._shared_bases import SeededBases, draw_seed, largest_dims
+from ._structured_common import require_peft_kinds
 
 
 @dataclass
@@ -251,12 +252,7 @@ class Randlora(nn.Module):
 
     @classmethod
     def to_peft_config(cls, config: RandloraConfig, views: list[LayerView]) -> dict:
-        other = sorted({v.kind for v in views} - {"linear", "hf_conv1d"})
-        if other:
-            raise ConfigError(
-                f"randlora adapts {other} layers here ({', '.join(v.name for v in views if v.kind in other)[:200]}); "
-                "PEFT's RandLoRA supports Linear and Conv1D layers only. Save this adapter with rw.save() instead."
-            )
+        require_peft_kinds("randlora", "RandLoRA", views, ("linear", "hf_conv1d"))
         return {
             "peft_type": "RANDLORA",
             "r": config.rank,

@@ -53,11 +53,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.api import adapted_layers, adapter_state
+from ..core.api import adapter_state
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.registry import register
-from ..errors import AdapterNotFoundError, ConfigError
+from ..errors import ConfigError
+from ._rank_common import adapters_of
 from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
@@ -184,18 +185,7 @@ class Sora(nn.Module):
 
 def _sora_adapters(model: nn.Module, name: str | None):
     """(adapter name, module name, Sora) for every SoRA adapter (or adapter ``name``) of ``model``."""
-    state = adapter_state(model)
-    if name is not None and name not in state:
-        raise AdapterNotFoundError(f"model has no adapter '{name}'; it has {sorted(state) or 'none'}.")
-    if name is not None and state[name]["config"].method != "sora":
-        raise ConfigError(f"adapter '{name}' is a {state[name]['config'].method} adapter, not sora.")
-    names = [n for n, e in state.items() if e["config"].method == "sora"] if name is None else [name]
-    out = []
-    for lname, layer in adapted_layers(model):
-        for n in names:
-            if n in layer.adapters:
-                out.append((n, lname, layer.adapters[n]))
-    return out
+    return adapters_of(model, "sora", name)
 
 
 def _gate_lr(optimizers, gate: torch.Tensor) -> float | None:

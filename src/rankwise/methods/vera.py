@@ -44,6 +44,7 @@ from ..core.ops import autocast_on
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
 from ._shared_bases import SeededBases, draw_seed, largest_dims
+from ._structured_common import require_peft_kinds
 
 
 @dataclass
@@ -216,12 +217,7 @@ class Vera(nn.Module):
 
     @classmethod
     def to_peft_config(cls, config: VeraConfig, views: list[LayerView]) -> dict:
-        other = sorted({v.kind for v in views} - {"linear", "hf_conv1d"})
-        if other:
-            raise ConfigError(
-                f"vera adapts {other} layers here ({', '.join(v.name for v in views if v.kind in other)[:200]}); "
-                "PEFT's VeRA supports Linear and Conv1D layers only. Save this adapter with rw.save() instead."
-            )
+        require_peft_kinds("vera", "VeRA", views, ("linear", "hf_conv1d"))
         return {
             "peft_type": "VERA",
             "r": config.rank,

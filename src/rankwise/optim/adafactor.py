@@ -42,6 +42,19 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / math.sqrt(t.numel())
 
 
+def step_size(group: dict, step: int, param_rms: torch.Tensor | None):
+    """Adafactor's step size (Shazeer & Stern 2018, §8): ``ρ_t = min(10⁻² or 10⁻⁶·t (warmup_init),
+    1/√t)`` with ``relative_step``, else the group's ``lr``; times ``max(ε₂, RMS(W))`` with
+    ``scale_parameter``. Flora uses the same rule."""
+    rel = group["lr"]
+    if group["relative_step"]:
+        min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+        rel = min(min_step, 1.0 / math.sqrt(step))
+    if group["scale_parameter"]:
+        return torch.clamp(param_rms, min=group["eps"][1]) * rel
+    return rel
+
+
 class Adafactor(torch.optim.Optimizer):
     """Adafactor with factored second moments for every tensor of 2 or more dimensions.
 
@@ -78,16 +91,6 @@ class Adafactor(torch.optim.Optimizer):
                         relative_step=relative_step, warmup_init=warmup_init)
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _step_size(group, step: int, param_rms: torch.Tensor | None):
-        rel = group["lr"]
-        if group["relative_step"]:
-            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
-            rel = min(min_step, 1.0 / math.sqrt(step))
-        if group["scale_parameter"]:
-            return torch.clamp(param_rms, min=group["eps"][1]) * rel
-        return rel
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -119,7 +122,7 @@ class Adafactor(torch.optim.Optimizer):
                 w = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
                 state["step"] += 1
                 t = state["step"]
-                lr = self._step_size(group, t, _rms(w) if group["scale_parameter"] else None)
+                lr = step_size(group, t, _rms(w) if group["scale_parameter"] else None)
                 rho = 1.0 - math.pow(t, group["decay_rate"])
 
                 sq = grad.square().add_(eps1)

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import ConfigError
 from ._common import adamw_step_, check_adam_args
+from .adafactor import _rms, step_size
 from .projectors import next_seed, stable_randn
 
 _INT64_MAX = torch.iinfo(torch.int64).max
@@ -47,10 +48,6 @@ def split_seed(seed: int) -> tuple[int, int]:
     gen = torch.Generator().manual_seed(int(seed))
     a, b = torch.randint(0, _INT64_MAX, (2,), generator=gen).tolist()
     return int(a), int(b)
-
-
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.norm(2) / (t.numel() ** 0.5)
 
 
 class _Projection:
@@ -129,16 +126,6 @@ class Flora(torch.optim.Optimizer):
                       and max(shape) / min(shape) <= 4)
         return factored, first, compressed
 
-    @staticmethod
-    def _lr(group: dict, step: int, rms: torch.Tensor):
-        lr = group["lr"]
-        if group["relative_step"]:
-            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
-            lr = min(min_step, 1.0 / math.sqrt(step))
-        if group["scale_parameter"]:
-            return torch.clamp(rms, min=group["eps"][1]) * lr
-        return lr
-
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -185,7 +172,7 @@ class Flora(torch.optim.Optimizer):
 
         state["step"] += 1
         t = state["step"]
-        lr = self._lr(group, t, _rms(work))
+        lr = step_size(group, t, _rms(work))
         beta2t = 1.0 - math.pow(t, group["decay_rate"])
         update = grad ** 2 + group["eps"][0]
         if factored:
