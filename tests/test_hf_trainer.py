@@ -1,0 +1,102 @@
+"""The Hugging Face Trainer drives the adapters' training hooks (rankwise.integrations.hf_trainer).
+
+Oracle: a hand-written loop with the same optimizer, schedule and data that calls
+``rw.rank_regularization`` and ``rw.rank_step`` the documented way. Every Trainer step sees the
+whole (tiny) dataset as one batch, so the Trainer's shuffling cannot change what a step computes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import rankwise as rw
+from rankwise.methods import adalora
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+STEPS = 8
+
+
+def _data(n=8):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (n, 6), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": labels[i]}
+            for i in range(n)]
+
+
+def _opt(model):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (2 * STEPS))
+
+
+def _reference(model, data):
+    """The documented loop: loss + rank_regularization, step, rank_step (before the scheduler)."""
+    opt, sched = _opt(model)
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    model.train()
+    for step in range(1, STEPS + 1):
+        loss = model(**batch).loss
+        reg = rw.rank_regularization(model)
+        (loss if reg is None else loss + reg).backward()
+        opt.step()
+        rw.rank_step(model, step, opt, total_steps=STEPS)
+        sched.step()
+        opt.zero_grad()
+    return model
+
+
+def _trainer(cls, model, data, tmp_path, callbacks=None):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=len(data),
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                             seed=0, data_seed=0, max_grad_norm=0.0, remove_unused_columns=False)
+    return cls(model=model, args=args, train_dataset=data, optimizers=_opt(model), callbacks=callbacks)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("adalora", dict(rank=4, target_rank=2, tinit=1, tfinal=2, delta_t=1, orth_reg_weight=0.5)),
+    ("sora", dict(rank=4, lam=0.5)),
+    ("lamda", dict(rank=4, freeze_steps=4)),
+])
+def test_rankwise_trainer_matches_the_documented_loop(bert, tmp_path, method, kw):
+    from rankwise.integrations.hf_trainer import RankwiseTrainer
+
+    data = _data()
+    base = bert()
+    targets = ["query", "value"]
+    ours = rw.adapt(copy.deepcopy(base), method, targets=targets, seed=0, **kw)
+    ref = _reference(rw.adapt(copy.deepcopy(base), method, targets=targets, seed=0, **kw), data)
+    _trainer(RankwiseTrainer, ours, data, tmp_path).train()
+    a, b = dict(ours.named_parameters()), dict(ref.named_parameters())
+    assert a.keys() == b.keys()
+    for n in a:  # shapes included: pruned / frozen the same way
+        torch.testing.assert_close(a[n], b[n], atol=2e-5, rtol=1e-4, msg=n)
+    if method == "adalora":
+        assert adalora.ranks(ours) == adalora.ranks(ref)
+        assert sum(adalora.ranks(ours).values()) == 2 * 4  # the target budget
+    if method == "lamda":
+        assert rw.trainable_parameters(ours) == rw.trainable_parameters(ref)
+
+
+def test_rank_callback_on_a_plain_trainer_and_no_hooks(bert, tmp_path):
+    from transformers import Trainer
+
+    from rankwise.integrations.hf_trainer import RankCallback
+
+    data = _data()
+    # SoRA's proximal step needs no loss term: the plain Trainer with the callback matches the loop
+    model = rw.adapt(bert(), "sora", rank=4, lam=0.5, targets=["query"], seed=0)
+    ref = _reference(rw.adapt(bert(), "sora", rank=4, lam=0.5, targets=["query"], seed=0), data)
+    _trainer(Trainer, model, data, tmp_path, callbacks=[RankCallback()]).train()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
+    # LoRA has no hooks: the callback changes nothing
+    plain = rw.adapt(bert(), "lora", rank=2, targets=["query"], seed=0)
+    ref = _reference(rw.adapt(bert(), "lora", rank=2, targets=["query"], seed=0), data)
+    _trainer(Trainer, plain, data, tmp_path / "b", callbacks=[RankCallback()]).train()
+    for p, q in zip(plain.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
