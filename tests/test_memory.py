@@ -200,7 +200,7 @@ def test_fused_lora_function_gradcheck():
     mask = torch.rand(3, 4, 6, generator=g) < 0.7
     for m, keep in ((None, 1.0), (mask, 0.7)):
         assert torch.autograd.gradcheck(
-            lambda *t, m=m, keep=keep: lora_mod._LoraLinear.apply(*t, 1.5, m, keep), (x, base_out, a, b)
+            lambda *t, m=m, keep=keep: ops.LowRankLinear.apply(*t, 1.5, m, keep), (x, base_out, a, b)
         )
 
 

@@ -298,17 +298,17 @@ def test_seed_determinism(method, kind, seed):
 # ---- LoRA dropout: the custom autograd path ---------------------------------------------------------
 @pytest.mark.skipif("lora" not in rw.methods(), reason="lora is not registered")
 def test_lora_dropout_function_matches_plain_autograd():
-    from rankwise.methods.lora import _DropoutLinear
+    from rankwise.core.ops import DropoutLinear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
     a = torch.randn(2, 6, dtype=torch.float64, generator=g, requires_grad=True)
     mask = torch.rand(3, 4, 6, generator=g) < 0.7
     keep = 0.7
-    assert torch.autograd.gradcheck(lambda x_, a_: _DropoutLinear.apply(x_, a_, mask, keep), (x, a))
+    assert torch.autograd.gradcheck(lambda x_, a_: DropoutLinear.apply(x_, a_, mask, keep), (x, a))
 
     w = torch.randn(3, 4, 2, dtype=torch.float64, generator=g)
-    h = _DropoutLinear.apply(x, a, mask, keep)
+    h = DropoutLinear.apply(x, a, mask, keep)
     gx, ga = torch.autograd.grad((h * w).sum(), (x, a))
     h_ref = F.linear(x * mask / keep, a)
     gx_ref, ga_ref = torch.autograd.grad((h_ref * w).sum(), (x, a))

@@ -43,9 +43,9 @@ from torch import nn
 from ..core.calibrate import LOAD_STATE
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
-from ..core.ops import autocast_on, keep_mask
+from ..core.ops import DropoutLinear, LowRankLinear, autocast_on, keep_mask, lowrank_branch
 from ..errors import ConfigError, ShapeMismatchError
-from .lora import Lora, LoraConfig, _branch, _DropoutLinear, _LoraLinear
+from .lora import Lora, LoraConfig
 
 ALL_KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
 
@@ -96,13 +96,13 @@ def lowrank_forward(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a:
             mask = keep_mask(x, keep)
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
                                         or base_out.requires_grad):
-            return _LoraLinear.apply(x, base_out, a, b, scale, mask, keep)
-        return _branch(x, base_out, a, b, scale / keep, mask)
+            return LowRankLinear.apply(x, base_out, a, b, scale, mask, keep)
+        return lowrank_branch(x, base_out, a, b, scale / keep, mask)
     if x.is_floating_point() and x.dtype != a.dtype:
         x = x.to(a.dtype)
     if drop > 0 and linear:
         keep = 1.0 - drop
-        h = _DropoutLinear.apply(x, a, keep_mask(x, keep), keep)
+        h = DropoutLinear.apply(x, a, keep_mask(x, keep), keep)
     else:
         if drop > 0 and x.is_floating_point():
             x = F.dropout(x, drop, training=True)

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.layers import LayerView
-from ..core.ops import autocast_on, keep_mask
-from .lora import _branch, _LoraLinear
+from ..core.ops import LowRankLinear, autocast_on, keep_mask, lowrank_branch
 
 
 def float_kw(view: LayerView) -> dict:
@@ -36,8 +35,8 @@ def low_rank_forward(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a
             mask = keep_mask(x, keep)
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
                                         or base_out.requires_grad):
-            return _LoraLinear.apply(x, base_out, a, b, scale, mask, keep)
-        return _branch(x, base_out, a, b, scale / keep, mask)
+            return LowRankLinear.apply(x, base_out, a, b, scale, mask, keep)
+        return lowrank_branch(x, base_out, a, b, scale / keep, mask)
     if x.is_floating_point() and x.dtype != a.dtype:
         x = x.to(a.dtype)
     if dropping and x.is_floating_point():

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
-from ..core.ops import autocast_on
+from ..core.ops import LowRankLinear, autocast_on, lowrank_branch
 from ..core.registry import register
 from ..errors import ConfigError
 from ._structured_common import (
@@ -51,7 +51,6 @@ from ._structured_common import (
     require_peft_kinds,
     require_plain_conv,
 )
-from .lora import _branch, _LoraLinear
 
 
 @dataclass
@@ -134,8 +133,8 @@ class Hra(nn.Module):
         if (self.view.kind in ("linear", "hf_conv1d") and x.dtype == a.dtype == base_out.dtype
                 and not autocast_on(x.device.type)):
             if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or base_out.requires_grad):
-                return _LoraLinear.apply(x, base_out, a, b, 1.0, None, 1.0)
-            return _branch(x, base_out, a, b, 1.0)
+                return LowRankLinear.apply(x, base_out, a, b, 1.0, None, 1.0)
+            return lowrank_branch(x, base_out, a, b, 1.0)
         if x.is_floating_point() and x.dtype != a.dtype:
             x = x.to(a.dtype)
         return base_out + self.view.apply_out(self.view.apply_in(x, a), b).to(base_out.dtype)

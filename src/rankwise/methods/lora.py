@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
-from ..core.ops import autocast_on, keep_mask
+from ..core.ops import DropoutLinear, LowRankLinear, autocast_on, keep_mask, lowrank_branch
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
 
@@ -63,90 +63,6 @@ class LoraConfig(AdapterConfig):
     def lora_alpha(self) -> float:
         """α in effect: ``alpha``, or the rank when ``alpha`` is None (kept None so a rank override follows)."""
         return float(self.rank) if self.alpha is None else float(self.alpha)
-
-
-def _branch(x, base_out, a, b, factor: float, mask=None) -> torch.Tensor:
-    """``base_out + factor · ((x ⊙ m) Aᵀ) Bᵀ`` as two thin matmuls on 2-D views (``m`` optional)."""
-    x2 = x.reshape(-1, a.shape[1])
-    if mask is not None:
-        x2 = x2 * mask.reshape(x2.shape)
-    out = torch.addmm(base_out.reshape(-1, b.shape[0]), torch.mm(x2, a.t()), b.t(), alpha=factor)
-    return out.view(base_out.shape)
-
-
-class _LoraLinear(torch.autograd.Function):
-    """The whole LoRA branch of a linear layer as one autograd node::
-
-        out = base_out + s · (drop(x) Aᵀ) Bᵀ,     drop(x) = x ⊙ m / keep   (m = None: no dropout)
-
-    Memory: saves only ``x`` — which the full fine-tune saves too, for the weight gradient — and,
-    with dropout, the 1-byte mask: never a dropped copy of ``x``, and not ``h = drop(x) Aᵀ``
-    either (backward recomputes it with one ``r``-column product), so what LoRA keeps for
-    backward is a subset of what full fine-tuning keeps, plus the masks.
-
-    Speed: backward forms only ``r``-row products (``Bᵀ gᵀ``, ``hᵀ g``, ``ghᵀ x``), which with
-    MKL on CPU run 2-4x faster than the ``g B`` / ``gᵀ h`` / ``xᵀ gh`` that generic autograd of
-    ``F.linear`` and ``addmm`` picks; ``s`` and ``1/keep`` are folded into ``r``-sized tensors,
-    and ``base_out``'s gradient is passed through untouched.
-    """
-
-    @staticmethod
-    def forward(ctx, x, base_out, a, b, scale, mask, keep):
-        ctx.scale, ctx.keep = scale, keep
-        ctx.save_for_backward(x, a, b, mask)
-        return _branch(x, base_out, a, b, scale / keep, mask)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, a, b, mask = ctx.saved_tensors
-        need_x, need_base, need_a, need_b = ctx.needs_input_grad[:4]
-        n_in, n_out = a.shape[1], b.shape[0]
-        factor = ctx.scale / ctx.keep
-        g2 = g.reshape(-1, n_out)
-        grad_x = grad_a = grad_b = None
-        xm = None
-        if need_a or need_b:
-            xm = x.reshape(-1, n_in)
-            if mask is not None:
-                xm = xm * mask.reshape(-1, n_in)  # x ⊙ m, rebuilt instead of stored
-        if need_b:
-            h = torch.mm(xm, a.t())  # recomputed: N × r
-            grad_b = torch.mm(h.t(), g2).t().mul(factor)  # (out, r) as the transpose of r rows
-        if need_x or need_a:
-            gh_t = torch.mm(b.t(), g2.t()).mul_(factor)  # (dL/dh)ᵀ · 1/keep as r × N
-            if need_a:
-                grad_a = torch.mm(gh_t, xm)
-            if need_x:
-                grad_x = torch.mm(gh_t.t(), a)
-                if mask is not None:
-                    grad_x.mul_(mask.reshape(-1, n_in))
-                grad_x = grad_x.view(x.shape)
-        return grad_x, (g if need_base else None), grad_a, grad_b, None, None, None
-
-
-class _DropoutLinear(torch.autograd.Function):
-    """``h = (x ⊙ m / (1-p)) Aᵀ`` saving ``x`` and the bool mask ``m``, not the dropped copy.
-
-    Used where the fused :class:`_LoraLinear` does not apply (mixed dtypes, autocast)."""
-
-    @staticmethod
-    def forward(ctx, x, a, mask, keep):
-        ctx.keep = keep
-        ctx.save_for_backward(x, a, mask)
-        return F.linear(x * mask, a).mul_(1.0 / keep)
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        x, a, mask = ctx.saved_tensors
-        inv = 1.0 / ctx.keep
-        grad_x = grad_a = None
-        g2 = grad_h.reshape(-1, grad_h.shape[-1]) * inv
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g2, a).view(x.shape).mul_(mask)
-        if ctx.needs_input_grad[1]:
-            xm = (x * mask).reshape(-1, x.shape[-1])
-            grad_a = torch.mm(g2.t(), xm)
-        return grad_x, grad_a, None, None
 
 
 @register("lora")
@@ -197,15 +113,15 @@ class Lora(nn.Module):
                 mask = keep_mask(x, keep)
             if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
                                             or base_out.requires_grad):
-                return _LoraLinear.apply(x, base_out, a, b, self.scale, mask, keep)
-            return _branch(x, base_out, a, b, self.scale / keep, mask)  # no graph to build (inference)
+                return LowRankLinear.apply(x, base_out, a, b, self.scale, mask, keep)
+            return lowrank_branch(x, base_out, a, b, self.scale / keep, mask)  # no graph to build (inference)
         # general path: other layer kinds, mixed dtypes, autocast
         if x.is_floating_point() and x.dtype != a.dtype:
             x = x.to(a.dtype)
         if dropping and linear:
             keep = 1.0 - self.drop
             mask = keep_mask(x, keep)
-            h = _DropoutLinear.apply(x, a, mask, keep)
+            h = DropoutLinear.apply(x, a, mask, keep)
         else:
             if dropping and x.is_floating_point():
                 x = F.dropout(x, self.drop, training=True)

@@ -35,10 +35,9 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
-from ..core.ops import autocast_on, keep_mask
+from ..core.ops import LowRankLinear, autocast_on, keep_mask, lowrank_branch
 from ..core.registry import register
 from ._shared_bases import SeededBases, draw_seed
-from .lora import _branch, _LoraLinear
 
 
 @dataclass
@@ -136,8 +135,8 @@ class Nola(nn.Module):
             keep = 1.0 - self.drop if dropping else 1.0
             mask = keep_mask(x, keep) if dropping else None
             if torch.is_grad_enabled():
-                return _LoraLinear.apply(x, base_out, a, b, self.scale, mask, keep)
-            return _branch(x, base_out, a, b, self.scale / keep, mask)
+                return LowRankLinear.apply(x, base_out, a, b, self.scale, mask, keep)
+            return lowrank_branch(x, base_out, a, b, self.scale / keep, mask)
         if x.is_floating_point() and x.dtype != a.dtype:
             x = x.to(a.dtype)
         if dropping and x.is_floating_point():
