@@ -67,7 +67,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank of every method that has one (default: each method's demo rank, else 8)")
     p.add_argument("--per-family", type=int, default=150)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--out", default="convergence_out")
@@ -126,7 +127,8 @@ def main(argv=None):
     headers = list(rows[0])
     print()
     print(format_table([[r[h] for h in headers] for r in rows], headers))
-    notes = (f"{args.seeds} seeds x {args.steps} steps x batch {args.batch_size}, rank {args.rank} where a method "
+    rank_note = args.rank if args.rank is not None else "each method's demo rank (else 8)"
+    notes = (f"{args.seeds} seeds x {args.steps} steps x batch {args.batch_size}, rank {rank_note} where a method "
              f"has one, {torch.get_num_threads()} threads, total {total / 60:.1f} min. Loss columns: mean training "
              "loss of the 10 steps ending there, mean ± std over seeds. 'steps to LoRA's final loss': first step "
              "where the seed-averaged EMA(0.9) loss is at or below LoRA's final EMA loss.")

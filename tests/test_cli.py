@@ -167,3 +167,14 @@ def test_finetune_data_driven_init_sees_training_batches(method, tiny_model_dir,
     from rankwise.core.api import adapter_state
 
     assert adapter_state(a)["default"]["config"].method == method
+
+
+def test_method_options_keep_each_methods_demo_rank_unless_a_rank_is_given():
+    from rankwise.cli.common import DEMO_RANK, method_options
+
+    assert method_options("vera")["rank"] == rw.get_method("vera").demo_options["rank"] == 256
+    assert method_options("loldu")["rank"] is None  # all components: LoLDU's own setting
+    assert method_options("lora")["rank"] == DEMO_RANK
+    assert method_options("vera", rank=4)["rank"] == 4 and method_options("lora", rank=4)["rank"] == 4
+    assert "rank" not in method_options("fourierft")  # no rank field: nothing added
+    assert method_options("lora", rank=4, alpha=8.0, nonsense=1) == {"rank": 4, "alpha": 8.0}

@@ -12,15 +12,21 @@ from ..utils.memory import PeakRSS, release_free_memory, saved_activation_bytes
 from ..utils.table import format_table
 
 FULL = "full"
+DEMO_RANK = 8  # rank of methods that have one and no demo default of their own
 
 
 def method_options(method: str, rank: int | None = None, **overrides) -> dict:
-    """Options for ``rw.adapt``: the method's demo defaults, a rank if it has one, overrides."""
+    """Options for ``rw.adapt``: the method's ``demo_options`` (its usual setting: VeRA's rank 256,
+    Bone's 64, LoLDU's full rank …), then ``rank`` if given (it overrides the demo rank), else
+    :data:`DEMO_RANK` for a method with a rank and no demo rank; then the other ``overrides``."""
     cls = get_method(method)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     opts = dict(getattr(cls, "demo_options", {}))
-    if rank is not None and "rank" in fields:
-        opts["rank"] = rank
+    if "rank" in fields:
+        if rank is not None:
+            opts["rank"] = rank
+        else:
+            opts.setdefault("rank", DEMO_RANK)
     opts.update({k: v for k, v in overrides.items() if v is not None and k in fields})
     return opts
 

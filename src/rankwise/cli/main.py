@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=80)
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--max-length", type=int, default=64)
-    d.add_argument("--rank", type=int, default=8)
+    d.add_argument("--rank", type=int, default=None,
+                   help="rank of every method that has one (default: each method's demo rank, else 8)")
     d.add_argument("--per-family", type=int, default=150, help="examples per label (train+valid)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--valid-data", default=None, help="separate validation file (default: split --data)")
     f.add_argument("--valid-frac", type=float, default=0.2)
     f.add_argument("--method", default="lora", help="a registered method or 'full'")
-    f.add_argument("--rank", type=int, default=8)
+    f.add_argument("--rank", type=int, default=None,
+                   help="rank of every method that has one (default: each method's demo rank, else 8)")
     f.add_argument("--alpha", type=float, default=None)
     f.add_argument("--dropout", type=float, default=None)
     f.add_argument("--targets", default="all-linear", help="'all-linear', 'query,value' or a regex")

@@ -74,6 +74,7 @@ class Loldu(nn.Module):
     Config = LolduConfig
     kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "W0 = P L D U; train the diagonal z (first r components) and one scale σ (LoLDU)"
+    demo_options = {"rank": None}  # all min(out, in) components, the paper's setting
     identity_at_init = True
     deterministic_init = True
     merge_atol = 1e-5
