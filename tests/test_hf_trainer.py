@@ -100,3 +100,40 @@ def test_rank_callback_on_a_plain_trainer_and_no_hooks(bert, tmp_path):
     _trainer(Trainer, plain, data, tmp_path / "b", callbacks=[RankCallback()]).train()
     for p, q in zip(plain.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
+
+
+def test_loss_terms_count_once_per_step_with_gradient_accumulation(bert, tmp_path):
+    """2 micro-batches of 4 accumulate to the step of one batch of 8, loss terms included, on
+    both of the Trainer's accumulation paths: it divides each micro-batch loss by the steps, or
+    (a ``compute_loss_func`` normalizing by ``num_items_in_batch``) it does not. The plain-LoRA
+    control shows the Trainer's own accumulation is exact on each path."""
+    import torch.nn.functional as F
+    from transformers import Trainer, TrainingArguments
+
+    from rankwise.integrations.hf_trainer import RankwiseTrainer
+
+    data = _data()
+
+    def summed_ce(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    def run(cls, method, kw, accum, path, out):
+        model = rw.adapt(bert(), method, targets=["query", "value"], seed=0, **kw)
+        args = TrainingArguments(output_dir=str(out), max_steps=3, per_device_train_batch_size=len(data) // accum,
+                                 gradient_accumulation_steps=accum, report_to=[], use_cpu=True, save_strategy="no",
+                                 disable_tqdm=True, seed=0, data_seed=0, max_grad_norm=0.0,
+                                 remove_unused_columns=False)
+        extra = {"compute_loss_func": summed_ce} if path == "normalized" else {}
+        trainer = cls(model=model, args=args, train_dataset=data, optimizers=_opt(model), **extra)
+        if path == "divided":
+            trainer.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps
+        trainer.train()
+        return dict(model.named_parameters())
+
+    for path in ("divided", "normalized"):
+        for cls, method, kw in ((Trainer, "lora", dict(rank=2)),
+                                (RankwiseTrainer, "sorsa", dict(rank=2, gamma=5.0))):
+            one = run(cls, method, kw, 1, path, tmp_path / "a")
+            two = run(cls, method, kw, 2, path, tmp_path / "b")
+            for n in one:
+                torch.testing.assert_close(one[n], two[n], atol=2e-5, rtol=1e-4, msg=f"{path} {method} {n}")

@@ -17,7 +17,8 @@ Face ``Trainer`` use one of::
 ``.grad`` and before the scheduler moves the learning rate, as the hooks require (``step`` is
 the number of optimizer steps taken, from 1). :class:`RankwiseTrainer` adds the callback and
 adds the loss terms to the training loss in ``compute_loss`` (not to evaluation losses); with
-gradient accumulation the Trainer scales the sum as it scales the loss.
+gradient accumulation each step counts the terms once, whether the Trainer divides the
+micro-batch loss by the accumulation steps or the loss is already normalized over them.
 
 A model without such adapters trains exactly as with the plain ``Trainer`` (both hooks are then
 no-ops). This module imports ``transformers``; the rest of rankwise does not need it.
@@ -58,6 +59,14 @@ class RankwiseTrainer(Trainer):
         if not any(isinstance(c, RankCallback) for c in self.callback_handler.callbacks):
             self.add_callback(RankCallback())
 
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """The Trainer's own test (``training_step``) for "this loss needs no 1/accumulation"."""
+        fixed = getattr(self, "loss_is_scaled_for_ga", None)
+        if fixed is not None:
+            return bool(fixed)
+        return bool((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
+
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if not model.training:
@@ -65,6 +74,10 @@ class RankwiseTrainer(Trainer):
         reg = rank_regularization(_unwrap(model))
         if reg is None:
             return out
+        if self._loss_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
+            # the Trainer will not divide this micro-batch's loss by the accumulation steps (the
+            # task loss is already normalized over them): divide the term, so it counts once a step
+            reg = reg / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
         if return_outputs:
             loss, outputs = out
             return loss + reg.to(loss.device), outputs
