@@ -78,7 +78,7 @@ class Loldu(nn.Module):
     identity_at_init = True
     deterministic_init = True
     merge_atol = 1e-5
-    default_lr = 1e-2
+    default_lr = 1e-3  # demo task at full rank: 1e-2 diverges (σ rescales all of W0), 1e-3 beats 3e-4
 
     def __init__(self, view: LayerView, config: LolduConfig, generator=None, calibration=None):
         super().__init__()

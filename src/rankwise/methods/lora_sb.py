@@ -98,7 +98,7 @@ class LoraSb(nn.Module):
     calibration_needs = ("grad",)
     identity_at_init = False
     merge_atol = 1e-5
-    default_lr = 1e-3
+    default_lr = 3e-3  # demo task: 3e-3 beats 1e-3 (loss 2.08 vs 2.26 after 80 steps)
 
     @property
     def deterministic_init(self) -> bool:
