@@ -118,18 +118,25 @@ def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, losses in curves.items():
+    many = len(curves) > 10  # 20 colors x 2 line styles, legend beside the axes
+    cols = 1 + (len(curves) - 1) // 24 if many else 1
+    fig, ax = plt.subplots(figsize=(7 + 1.6 * cols if many else 7, 4.5 if many else 4))
+    colors = plt.get_cmap("tab20").colors if many else [None] * len(curves)
+    for i, (name, losses) in enumerate(curves.items()):
         ema, sm = [], None
         for v in losses:
             sm = v if sm is None else 0.9 * sm + 0.1 * v
             ema.append(sm)
-        ax.plot(range(1, len(ema) + 1), ema, label=name)
+        style = {"color": colors[i % 20], "linestyle": ("-", "--")[(i // 20) % 2]} if many else {}
+        ax.plot(range(1, len(ema) + 1), ema, label=name, linewidth=1.3, **style)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (EMA 0.9)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, ncol=cols, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
