@@ -23,7 +23,9 @@ tensor) estimated in a random low-rank auxiliary space. For ``W ∈ R^{m×n}`` w
 every step (the seed advances with :func:`rankwise.optim.projectors.next_seed` at every refresh,
 as apollo-torch does), so the state of a matrix is the two ``r``-row moments plus one number —
 ``APOLLO-Mini`` keeps ``2·n + 1`` floats for an ``m × n`` matrix. ``store_projection=True`` keeps
-the matrix instead (trades ``m·r`` floats for the regeneration). Other projector kinds
+the matrix instead (trades ``m·r`` floats for the regeneration; measured on llama-tiny: the
+default's step is 1.17x apollo-torch's at 0.79x its state, ``store_projection=True`` is 0.94x at
+equal state). Other projector kinds
 (``projector="svd"`` is the paper's APOLLO-SVD ablation) keep their basis in the state.
 
 Seeds: parameter number ``i`` (0-based over all param groups, in order) starts from seed
