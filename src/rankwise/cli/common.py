@@ -21,7 +21,7 @@ def method_options(method: str, rank: int | None = None, **overrides) -> dict:
     :data:`DEMO_RANK` for a method with a rank and no demo rank; then the other ``overrides``."""
     cls = get_method(method)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    opts = dict(getattr(cls, "demo_options", {}))
+    opts = dict(cls.demo_options)
     if "rank" in fields:
         if rank is not None:
             opts["rank"] = rank
@@ -32,7 +32,7 @@ def method_options(method: str, rank: int | None = None, **overrides) -> dict:
 
 
 def default_lr(method: str) -> float:
-    return 2e-4 if method == FULL else getattr(get_method(method), "default_lr", 1e-3)
+    return 2e-4 if method == FULL else get_method(method).default_lr
 
 
 def train_memory_bytes(model, batch, loss_fn) -> dict[str, int]:
@@ -56,7 +56,7 @@ CALIBRATION_BATCHES = 4
 def calibration_for(method: str, task, train_enc, batch_size: int, n: int = CALIBRATION_BATCHES) -> dict:
     """``adapt`` keywords for a data-driven init (the method declares ``calibration_needs``): the
     first ``n`` training batches and the task's loss; ``{}`` for every other method."""
-    if method == FULL or not getattr(get_method(method), "calibration_needs", None):
+    if method == FULL or not get_method(method).calibration_needs:
         return {}
     from ..core.calibrate import Batches
 

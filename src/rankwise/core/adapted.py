@@ -67,7 +67,7 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         live = [n for n in self.active if n not in self.merged]
-        if live and not args and not kwargs and getattr(self.adapters[live[0]], "computes_base", False):
+        if live and not args and not kwargs and self.adapters[live[0]].computes_base:
             # the first adapter folds W0 into its own product (one matmul with W0 + ΔW): forward(x, None)
             out = self.adapters[live[0]](x, None)
             live = live[1:]
@@ -109,7 +109,7 @@ class AdaptedLayer(nn.Module):
         for n in names:
             self._check(n)
             delta = self.adapters[n].delta_weight().to(self.base.weight.dtype)
-            if getattr(self.adapters[n], "reads_base", False):
+            if self.adapters[n].reads_base:
                 self._merged_delta[n] = delta.detach().clone()
             self.base.weight.add_(delta)  # in place under no_grad: bumps the version counter (caches of W0 see it)
             self.merged.append(n)

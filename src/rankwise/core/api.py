@@ -269,7 +269,7 @@ def adapt(
                           "nothing to adapt. Check the calibration data, the rank budget or module_overrides.")
     targets = [t for t, _, _ in found]
     # parameters shared between layers (optional hook, see registry): built once, given to every layer
-    share = getattr(cls, "shared", None)
+    share = cls.shared
     shared = None if share is None else share([v for _, _, v in found], config, generator)
     extra = {} if share is None else {"shared": shared}
     built = []
@@ -310,7 +310,7 @@ def _module_overrides(cls, config, found, calib, given, generator=None) -> dict[
     ``given`` on top. ``None`` for a module leaves it out."""
     names = [t for t, _, _ in found]
     out: dict[str, dict | None] = {}
-    plan = getattr(cls, "plan", None)
+    plan = cls.plan
     if plan is not None and calib is not calibrate.LOAD_STATE:
         out = dict(plan({t: v for t, _, v in found}, config, calib, generator=generator) or {})
     for t, ov in (given or {}).items():

@@ -264,7 +264,7 @@ class Calibration(Mapping):
 
 # ---- collection -----------------------------------------------------------------------------------
 def _needs_of(cls) -> tuple[str, ...]:
-    needs = tuple(getattr(cls, "calibration_needs", ()) or ())
+    needs = tuple(cls.calibration_needs)
     bad = [n for n in needs if n not in NEEDS]
     if bad:
         raise TypeError(f"method '{cls.name}' declares unknown calibration_needs {bad}; valid: {list(NEEDS)}.")
@@ -287,7 +287,7 @@ def prepare(model: nn.Module, cls, config, views: dict[str, LayerView], calibrat
             )
         return calibration
     if not needs:
-        if hasattr(cls, "plan"):
+        if cls.plan is not None:
             return Calibration({n: LayerStats(n, v) for n, v in views.items()}, method=cls.name)
         return calibration
     if calibration is None:
@@ -301,7 +301,7 @@ def prepare(model: nn.Module, cls, config, views: dict[str, LayerView], calibrat
     source = calibration if isinstance(calibration, Batches) else Batches(calibration, loss_fn=loss_fn)
     if loss_fn is not None and source.loss_fn is None:
         source.loss_fn = loss_fn
-    opts = cls.calibration_options(config) if hasattr(cls, "calibration_options") else {}
+    opts = cls.calibration_options(config) if cls.calibration_options is not None else {}
     return collect(model, views, needs, source, options=opts, method=cls.name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,6 +43,12 @@ class AdapterConfig:
         if not ok:
             raise ConfigError(f"{type(self).__name__}.{field_name}={getattr(self, field_name)!r}: {fix}")
 
+    def _check_int(self, field_name: str, low: int = 1) -> None:
+        """``field_name`` is an int ≥ ``low`` (not a bool)."""
+        v = getattr(self, field_name)
+        self._check(isinstance(v, int) and not isinstance(v, bool) and v >= low, field_name,
+                    f"{field_name} must be an integer ≥ {low}.")
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -57,3 +64,37 @@ class AdapterConfig:
 
     def replace(self, **kw) -> AdapterConfig:
         return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class RankAlphaConfig(AdapterConfig):
+    """The LoRA hyperparameters most methods share, validated once.
+
+    rank: r; alpha: α (default None: α = r, so s = 1 — kept None so a per-module rank override
+    follows); dropout: on the adapter's input; rslora: s = α/√r instead of α/r (Kalajdzievski 2023).
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_int("rank")
+        self._check(self.alpha is None or (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+                                           and self.alpha > 0),
+                    "alpha", "alpha must be positive (or None: alpha = rank).")
+        self._check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+                    "dropout", "dropout must be in [0, 1).")
+        self._check(isinstance(self.rslora, bool), "rslora", "use True or False.")
+
+    @property
+    def lora_alpha(self) -> float:
+        """α in effect: ``alpha``, or the rank when ``alpha`` is None."""
+        return float(self.rank) if self.alpha is None else float(self.alpha)
+
+    @property
+    def scale(self) -> float:
+        """``s = α / r`` (``α / √r`` with rsLoRA)."""
+        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)

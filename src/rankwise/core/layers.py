@@ -85,6 +85,23 @@ class LayerView:
         return self.base.weight
 
     @property
+    def is_linear(self) -> bool:
+        """A plain matrix product (``nn.Linear`` or HF ``Conv1D``): the fused kernels apply."""
+        return self.kind in ("linear", "hf_conv1d")
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype adapter tensors use: the base weight's, or float32 for integer (quantized) weights."""
+        w = self.base.weight
+        return w.dtype if w.is_floating_point() else torch.float32
+
+    @property
+    def factory_kwargs(self) -> dict:
+        """``dtype`` and ``device`` for an adapter tensor of this layer: created where the base weight
+        lives (CUDA, meta, …), never on the CPU and moved afterwards."""
+        return {"dtype": self.param_dtype, "device": self.base.weight.device}
+
+    @property
     def channel_dim(self) -> int:
         return 1 if self.kind in ("conv1d", "conv2d") else -1
 

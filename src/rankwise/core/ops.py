@@ -1,10 +1,12 @@
-"""Small tensor operations shared by adapter methods: dropout masks, the autocast check, and the
-fused low-rank branch ``base_out + s · (drop(x) Aᵀ) Bᵀ`` (one autograd node) that LoRA and every
-LoRA-shaped method (the inits, VeRA-style bases, HRA, NoLA, …) use on linear layers."""
+"""Small tensor operations shared by adapter methods: seeded initializers that work on any device,
+dropout masks, the autocast check, and :func:`low_rank_apply` — the one activation path of every
+update that factors as ``ΔW = s · B A`` (LoRA, the inits, VeRA-style bases, HRA, NoLA, the SVD
+family …): one fused autograd node on linear layers, the layer's own operation elsewhere."""
 
 from __future__ import annotations
 
 import functools
+import math
 import platform
 
 import torch
@@ -40,6 +42,87 @@ def keep_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
     if x.device.type == "cpu" and not cpu_bernoulli_is_fast():
         return torch.rand(x.shape) < keep
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
+
+
+def seeded_(t: torch.Tensor, draw, generator=None) -> torch.Tensor:
+    """Fill ``t`` in place with ``draw(buf, generator)`` — e.g. ``lambda b, g: b.normal_(0, 1, generator=g)``.
+
+    A ``torch.Generator`` belongs to one device (the CPU by default), and drawing into a tensor on
+    another device with it fails. Where the devices differ, the numbers are drawn on the
+    generator's device (so the same seed gives the same adapter on CPU and CUDA) and copied into
+    ``t``; a meta tensor has no values to fill. Otherwise they are drawn in place.
+    """
+    with torch.no_grad():
+        if generator is None or t.device == generator.device:
+            return draw(t, generator)
+        if t.device.type == "meta":
+            return t
+        buf = torch.empty(t.shape, dtype=t.dtype, device=generator.device)
+        return t.copy_(draw(buf, generator))
+
+
+def uniform_(t: torch.Tensor, bound: float, generator=None) -> torch.Tensor:
+    """``U(-bound, bound)`` in place; ``bound = 1/√fan_in`` is PyTorch's Linear default (kaiming-uniform
+    with a = √5), which PEFT's adapters use."""
+    return seeded_(t, lambda b, g: b.uniform_(-bound, bound, generator=g), generator)
+
+
+def normal_(t: torch.Tensor, std: float = 1.0, generator=None, mean: float = 0.0) -> torch.Tensor:
+    """``N(mean, std²)`` in place."""
+    return seeded_(t, lambda b, g: b.normal_(mean, std, generator=g), generator)
+
+
+def kaiming_bound(fan_in: int) -> float:
+    """``1/√fan_in``: the bound of PyTorch's Linear default init."""
+    return 1.0 / math.sqrt(max(1, fan_in))
+
+
+def low_rank_apply(view, x: torch.Tensor, base_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scale: float = 1.0, dropout: float = 0.0, training: bool = False, mid=None) -> torch.Tensor:
+    """``base_out + scale · B mid(A drop(x))`` on any layer kind, never forming ``B A``.
+
+    ``a`` is ``(k, in)`` and ``b`` is ``(out, k)`` in the canonical layout; they may be parameters or
+    computed tensors (``U G``, ``B ⊙ g``, a concatenation …): autograd carries gradients back.
+    ``mid`` (optional) acts on the ``k``-channel intermediate ``h = A x`` (a diagonal or a small
+    ``k × k`` map). Paths, chosen here and only here:
+
+    * linear kinds, one dtype, no autocast, no ``mid``: :class:`LowRankLinear` — one autograd node
+      that saves only ``x`` (and a 1-byte dropout mask), with ``r``-row products in backward;
+    * otherwise: ``h`` by the layer's own operation (``view.apply_in``: linear, conv with ``k``
+      output channels, embedding lookup), dropout saving its mask only on linear kinds
+      (:class:`DropoutLinear`), then one fused ``addmm`` into ``base_out`` where dtypes allow.
+
+    Under autocast the products run in the autocast dtype; the result has ``base_out``'s dtype.
+    When ``b`` is exactly zero the output equals ``base_out`` bitwise.
+    """
+    linear = view.is_linear
+    dropping = dropout > 0 and training
+    if (linear and mid is None and x.dtype == a.dtype == b.dtype == base_out.dtype
+            and not autocast_on(x.device.type)):
+        mask, keep = None, 1.0
+        if dropping:
+            keep = 1.0 - dropout
+            mask = keep_mask(x, keep)
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
+                                        or base_out.requires_grad):
+            return LowRankLinear.apply(x, base_out, a, b, scale, mask, keep)
+        return lowrank_branch(x, base_out, a, b, scale / keep, mask)  # no graph to build (inference)
+    if x.is_floating_point() and x.dtype != a.dtype:
+        x = x.to(a.dtype)
+    if dropping and linear:
+        keep = 1.0 - dropout
+        h = DropoutLinear.apply(x, a, keep_mask(x, keep), keep)
+    else:
+        if dropping and x.is_floating_point():
+            x = F.dropout(x, dropout, training=True)
+        h = view.apply_in(x, a)
+    if mid is not None:
+        h = mid(h)
+    if linear and base_out.dtype == h.dtype == b.dtype and not autocast_on(x.device.type):
+        out2d = torch.addmm(base_out.reshape(-1, b.shape[0]), h.reshape(-1, b.shape[1]), b.t(), alpha=scale)
+        return out2d.view(base_out.shape)
+    up = view.apply_out(h, b.to(h.dtype))
+    return base_out + (up * scale if scale != 1.0 else up).to(base_out.dtype)
 
 
 def lowrank_branch(x, base_out, a, b, factor: float, mask=None) -> torch.Tensor:

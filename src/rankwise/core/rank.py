@@ -47,7 +47,7 @@ def _optimizers(optimizer) -> list:
 def _hooked(model: nn.Module, hook: str):
     for name, entry in adapter_state(model).items():
         cls = get_method(entry["config"].method)
-        fn = getattr(cls, hook, None)
+        fn = getattr(cls, hook)
         if fn is not None:
             yield name, fn
 

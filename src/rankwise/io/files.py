@@ -205,9 +205,7 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
     layers = dict(adapted_layers(model))
     for name in names:
         for mname in saved[name]["modules"]:
-            hook = getattr(layers[mname].adapters[name], "loaded", None)
-            if hook is not None:
-                hook()
+            layers[mname].adapters[name].loaded()
     set_active(model, [n for n in names] if active else None)
     return model
 

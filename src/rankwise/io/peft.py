@@ -39,7 +39,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None, bas
         raise TargetError(f"model has no adapter '{name}'; it has {sorted(state)}.")
     entry = state[name]
     cls = get_method(entry["config"].method)
-    if not hasattr(cls, "to_peft_config"):
+    if cls.peft_type is None:
         raise ConfigError(
             f"method '{cls.name}' has no PEFT equivalent; save it with rw.save() instead."
         )
@@ -83,11 +83,11 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     wfile = path / "adapter_model.safetensors"
     tensors = read_tensors(wfile, "rankwise reads safetensors only, never pickled .bin files.")
 
-    matches = [m for m in methods() if getattr(get_method(m), "peft_accepts", lambda c: False)(pcfg)]
+    matches = [m for m in methods() if callable(getattr(get_method(m), "peft_accepts", None)) and get_method(m).peft_accepts(pcfg)]
     if not matches:
         raise ConfigError(
             f"PEFT adapter type {pcfg.get('peft_type')!r} in {path} has no rankwise method yet "
-            f"(methods with PEFT support: {[m for m in methods() if hasattr(get_method(m), 'peft_accepts')]})."
+            f"(methods with PEFT support: {[m for m in methods() if callable(getattr(get_method(m), 'peft_accepts', None))]})."
         )
     # a method that names the file's init (init_lora_weights="pissa", "eva" …) before the generic one
     matches.sort(key=lambda m: getattr(get_method(m), "peft_init", None) is None)
@@ -150,7 +150,7 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     module_ov = getattr(cls, "peft_module_overrides", None)  # e.g. EVA's rank_pattern
     # a data-driven method cannot rerun its init here: the file holds its whole state
     adapt(model, cls.Config(targets=targets, modules_to_save=sorted(saved_mods), **opts), name=name,
-          calibration=LOAD_STATE if getattr(cls, "calibration_needs", ()) else None,
+          calibration=LOAD_STATE if cls.calibration_needs else None,
           module_overrides=module_ov(pcfg, sorted(per_module)) if module_ov else None)
     try:
         layers = dict(adapted_layers(model))

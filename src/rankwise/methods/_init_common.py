@@ -43,6 +43,7 @@ from torch import nn
 from ..core.calibrate import LOAD_STATE
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.ops import DropoutLinear, LowRankLinear, autocast_on, keep_mask, lowrank_branch
 from ..errors import ConfigError, ShapeMismatchError
 from .lora import Lora, LoraConfig
@@ -120,7 +121,7 @@ def pattern_key(keys, module: str) -> str | None:
     return max(hits, key=len) if hits else None
 
 
-class ResidualLowRank(nn.Module):
+class ResidualLowRank(Method):
     """``ΔW = s·(B A − B₀ A₀)`` with frozen ``A₀, B₀`` (see the module docstring).
 
     Subclasses compute ``A₀ (r × in)`` and ``B₀ (out × r)`` and call :meth:`_setup`.

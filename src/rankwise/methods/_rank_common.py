@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core.api import adapted_layers, adapter_state
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..errors import AdapterNotFoundError, ConfigError
 from ._shared_common import float_kw, low_rank_forward
 
@@ -134,7 +135,7 @@ def layer_rank_check(cfg, hi_name: str = "rank") -> None:
                "layer_rank is a module's current rank, written by rank allocation: None or an integer ≥ 0.")
 
 
-class Triplets(nn.Module):
+class Triplets(Method):
     """``ΔW = s · B diag(E) A``: ``A`` (r × in), ``E`` (r × 1), ``B`` (out × r), with ``r`` the
     config's ``layer_rank`` (a module's current rank, written by allocation) or else ``rank``.
 

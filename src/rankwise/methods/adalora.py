@@ -161,7 +161,7 @@ class AdaLora(Triplets):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: AdaLoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "adalora")
         self._init_triplets(view, config, 0.02, generator)
         self.register_buffer("rank_mask", torch.ones(self.rank, dtype=torch.bool))

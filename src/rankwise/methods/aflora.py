@@ -45,6 +45,7 @@ from torch import nn
 from ..core.api import adapter_state
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError
 from ._rank_common import Sensitivity, adapters_of, cubic
@@ -80,7 +81,7 @@ class AfLoraConfig(AdapterConfig):
 
 
 @register("aflora")
-class AfLora(nn.Module):
+class AfLora(Method):
     """LoRA with feature-transformation vectors whose projections freeze progressively (see module docstring)."""
 
     Config = AfLoraConfig
@@ -91,7 +92,7 @@ class AfLora(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: AfLoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "aflora")
         self.view, self.config, self.rank = view, config, config.rank
         kw = float_kw(view)

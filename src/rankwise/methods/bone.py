@@ -40,6 +40,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError
 from ._structured_common import (
@@ -77,7 +78,7 @@ def block_rank(view: LayerView, config: BoneConfig) -> int:
 
 
 @register("bone")
-class Bone(nn.Module):
+class Bone(Method):
     """Block-affine ``ΔW_ij = W0_ij B_i + B_i`` or the shared shard ``[Bᵀ … Bᵀ]`` (see module docstring)."""
 
     Config = BoneConfig
@@ -90,7 +91,7 @@ class Bone(nn.Module):
     demo_options = {"rank": 64}
 
     def __init__(self, view: LayerView, config: BoneConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = block_rank(view, config)
         m = view.out_features

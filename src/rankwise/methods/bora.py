@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 
 
@@ -68,7 +69,7 @@ def _col_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 @register("bora")
-class Bora(nn.Module):
+class Bora(Method):
     """Row and column magnitudes around a LoRA-updated direction (see module docstring)."""
 
     Config = BoraConfig
@@ -81,7 +82,7 @@ class Bora(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: BoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "bora")
         self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
         w = view.weight

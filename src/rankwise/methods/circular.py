@@ -38,6 +38,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.ops import autocast_on
 from ..core.registry import register
 from ..errors import ConfigError
@@ -110,7 +111,7 @@ class _BlockCirculant(torch.autograd.Function):
 
 
 @register("circular")
-class Circular(nn.Module):
+class Circular(Method):
     """Block-circulant update applied by FFT (see module docstring)."""
 
     Config = CircularConfig
@@ -122,7 +123,7 @@ class Circular(nn.Module):
     demo_options = {"block_size": 128}
 
     def __init__(self, view: LayerView, config: CircularConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         m, n = view.out_features, view.in_features
         self.block = b = block_of(view, config)

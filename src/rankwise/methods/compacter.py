@@ -45,6 +45,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._shared_common import float_kw, low_rank_forward, positive_int
 
@@ -81,7 +82,7 @@ class PhmRules(nn.Module):
 
 
 @register("compacter")
-class Compacter(nn.Module):
+class Compacter(Method):
     """``Σ_i A_i ⊗ S_i T_iᵀ`` with the rules ``A_i`` shared by all layers (see module docstring)."""
 
     Config = CompacterConfig
@@ -96,7 +97,7 @@ class Compacter(nn.Module):
         return PhmRules(config.phm_dim, generator, **float_kw(views[0]))
 
     def __init__(self, view: LayerView, config: CompacterConfig, generator=None, calibration=None, shared=None):
-        super().__init__()
+        super().__init__(view, config)
         if shared is None:  # built outside rw.adapt: rules of its own
             shared = self.shared([view], config, generator)
         self.view, self.config = view, config

@@ -86,7 +86,7 @@ class Corda(ResidualLowRank):
         return {"cov_normalize": "max_per_call"}
 
     def __init__(self, view: LayerView, config: CordaConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         a0 = b0 = None
         if not loading(calibration):

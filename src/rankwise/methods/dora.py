@@ -81,7 +81,7 @@ class Dora(Lora):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return dora_forward(self.view, x, base_out, self.lora_A, self.lora_B, self.scale_vector(), self.scale,
-                            self.drop, self.training)
+                            self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         g = self.scale_vector()

@@ -39,6 +39,7 @@ from torch import nn
 from ..core.api import adapter_state
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError
 from ._rank_common import adapters_of
@@ -82,7 +83,7 @@ class DyLoraConfig(AdapterConfig):
 
 
 @register("dylora")
-class DyLora(nn.Module):
+class DyLora(Method):
     """LoRA trained at a random truncation each step (see module docstring)."""
 
     Config = DyLoraConfig
@@ -93,7 +94,7 @@ class DyLora(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: DyLoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "dylora")
         self.view, self.config, self.rank = view, config, config.rank
         kw = float_kw(view)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._dora_common import BaseStats, dora_forward, row_norm_sq
 
@@ -73,7 +74,7 @@ def svd_factors(view: LayerView, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @register("edora")
-class Edora(nn.Module):
+class Edora(Method):
     """DoRA with frozen SVD factors and a trainable ``r × r`` core (see module docstring)."""
 
     Config = EdoraConfig
@@ -86,7 +87,7 @@ class Edora(nn.Module):
     demo_options = {"rank": 16}
 
     def __init__(self, view: LayerView, config: EdoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "edora")
         self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
         u, a = svd_factors(view, config.rank)

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._shared_common import float_kw, low_rank_forward, positive_int
 
@@ -78,7 +79,7 @@ def _modes(view: LayerView, config: FloraTuckerConfig) -> tuple[list[int], list[
 
 
 @register("flora_tucker")
-class FloraTucker(nn.Module):
+class FloraTucker(Method):
     """Tucker update with one factor per weight mode (see module docstring)."""
 
     Config = FloraTuckerConfig
@@ -89,7 +90,7 @@ class FloraTucker(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: FloraTuckerConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config, self.scale = view, config, float(config.scale)
         dims, ranks = _modes(view, config)
         self.dims, self.ranks, self.rank = dims, ranks, ranks[1]

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError
 from ._structured_common import (
@@ -93,7 +94,7 @@ def half_spectrum_plan(src, a: int, dst, b: int):
 
 
 @register("fourierft")
-class FourierFT(nn.Module):
+class FourierFT(Method):
     """Sparse spectral update ``α·Re(IDFT2(F))`` (see module docstring)."""
 
     Config = FourierFTConfig
@@ -105,7 +106,7 @@ class FourierFT(nn.Module):
     demo_options = {"n_frequency": 1000, "scaling": 150.0}
 
     def __init__(self, view: LayerView, config: FourierFTConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         m, n = view.out_features, view.in_features
         self.n_frequency = k = min(config.n_frequency, m * n)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError
 from ._structured_common import (
@@ -60,7 +61,7 @@ class HiraConfig(AdapterConfig):
 
 
 @register("hira")
-class Hira(nn.Module):
+class Hira(Method):
     """Hadamard update ``W0 ⊙ (B A)`` (see module docstring)."""
 
     Config = HiraConfig
@@ -74,7 +75,7 @@ class Hira(nn.Module):
     demo_options = {"rank": 8}
 
     def __init__(self, view: LayerView, config: HiraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "hira")
         self.view, self.config, self.rank = view, config, config.rank
         r, n_in, n_out = config.rank, view.in_features, view.out_features

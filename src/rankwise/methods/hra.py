@@ -41,6 +41,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.ops import LowRankLinear, autocast_on, lowrank_branch
 from ..core.registry import register
 from ..errors import ConfigError
@@ -76,7 +77,7 @@ class HraConfig(AdapterConfig):
 
 
 @register("hra")
-class Hra(nn.Module):
+class Hra(Method):
     """``W0 · Π (I − 2 u uᵀ/‖u‖²)`` as a rank-r update in compact WY form (see module docstring)."""
 
     Config = HraConfig
@@ -89,7 +90,7 @@ class Hra(nn.Module):
     demo_options = {"rank": 8}
 
     def __init__(self, view: LayerView, config: HraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         n = view.in_features
         if config.rank > n:
             raise ConfigError(

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._shared_common import float_kw, low_rank_forward, positive_int
 
@@ -57,7 +58,7 @@ class HydraConfig(AdapterConfig):
 
 
 @register("hydra")
-class Hydra(nn.Module):
+class Hydra(Method):
     """Parallel + sequential low-rank branches (see module docstring)."""
 
     Config = HydraConfig
@@ -69,7 +70,7 @@ class Hydra(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: HydraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "hydra")
         self.view, self.config, self.rank, self.scale = view, config, config.rank, float(config.scale)
         r, n_in, n_out = config.rank, view.in_features, view.out_features

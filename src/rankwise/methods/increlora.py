@@ -117,7 +117,7 @@ class IncreLora(Triplets):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: IncreLoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "increlora")
         self._init_triplets(view, config, config.init_std, generator)
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.ops import autocast_on
 from ..core.registry import register
 from ..errors import ConfigError
@@ -151,7 +152,7 @@ class _KronLinear(torch.autograd.Function):
 
 
 @register("kron")
-class Kron(nn.Module):
+class Kron(Method):
     """Kronecker update ``s · w1 ⊗ w2`` (see module docstring)."""
 
     Config = KronConfig
@@ -163,7 +164,7 @@ class Kron(nn.Module):
     demo_options = {"rank": 8}
 
     def __init__(self, view: LayerView, config: KronConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank, self.scale = config.rank, config.scale
         (a, b), (c, d), k, use_w1, use_w2 = layout(view, config)

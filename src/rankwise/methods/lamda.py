@@ -49,6 +49,7 @@ from torch import nn
 from ..core.api import adapted_layers
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError
 from ._rank_common import adapters_of
@@ -93,7 +94,7 @@ def top_singular(w: torch.Tensor, r: int, generator=None, oversample: int = 8, i
 
 
 @register("lamda")
-class Lamda(nn.Module):
+class Lamda(Method):
     """``s · B S A`` with frozen spectral ``A``, trainable core ``S``, gradually frozen ``B``."""
 
     Config = LamdaConfig
@@ -104,7 +105,7 @@ class Lamda(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: LamdaConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "lamda")
         r = config.rank
         self.view, self.config, self.rank, self.scale = view, config, r, config.scale

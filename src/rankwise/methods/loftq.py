@@ -124,7 +124,7 @@ class Loftq(ResidualLowRank):
         return {}
 
     def __init__(self, view: LayerView, config: LoftqConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         check_kind(config.quant, config.block_size)
         n_data, n_blocks = storage_shapes(view.out_features * view.in_features, config.quant, config.block_size)

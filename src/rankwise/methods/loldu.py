@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import check_rank_fits, compute_dtype, factor_dtype, low_rank_out, scale_channels
 
@@ -68,7 +69,7 @@ def ldu(view: LayerView, rank: int):
 
 
 @register("loldu")
-class Loldu(nn.Module):
+class Loldu(Method):
     """Trainable diagonal and scale of the LDU decomposition of ``W0`` (see module docstring)."""
 
     Config = LolduConfig
@@ -81,7 +82,7 @@ class Loldu(nn.Module):
     default_lr = 1e-3  # demo task at full rank: 1e-2 diverges (σ rescales all of W0), 1e-3 beats 3e-4
 
     def __init__(self, view: LayerView, config: LolduConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         pl, d, u = ldu(view, r)

@@ -22,115 +22,61 @@ mask, and rebuilds ``drop(x)`` in backward — PEFT keeps a full extra copy of t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
-from ..core.ops import DropoutLinear, LowRankLinear, autocast_on, keep_mask, lowrank_branch
+from ..core.method import Method
+from ..core.ops import kaiming_bound, low_rank_apply, normal_, uniform_
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
 
 
 @dataclass
-class LoraConfig(AdapterConfig):
+class LoraConfig(RankAlphaConfig):
     """rank: r; alpha: α (default: r, so s = 1); dropout: on the adapter's input;
     rslora: s = α/√r; init: 'kaiming' | 'gaussian'."""
 
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
-    rslora: bool = False
     init: str = "kaiming"
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
         self._check(self.init in ("kaiming", "gaussian"), "init", "use 'kaiming' or 'gaussian'.")
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    @property
-    def lora_alpha(self) -> float:
-        """α in effect: ``alpha``, or the rank when ``alpha`` is None (kept None so a rank override follows)."""
-        return float(self.rank) if self.alpha is None else float(self.alpha)
 
 
 @register("lora")
-class Lora(nn.Module):
+class Lora(Method):
     """Low-rank update ``s · B A`` (see module docstring)."""
 
     Config = LoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = s·BA, A random, B = 0 (Hu et al. 2021); rsLoRA scaling option"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: LoraConfig, generator=None, calibration=None):
-        super().__init__()
-        view.check_rank(config.rank, "lora")
-        self.view, self.config, self.rank = view, config, config.rank
-        self.scale = config.scale
-        w = view.weight
-        kw = {"dtype": w.dtype if w.is_floating_point() else torch.float32}
+        super().__init__(view, config)
+        view.check_rank(config.rank, self.name)
+        self.rank, self.scale = config.rank, config.scale
         r, n_in, n_out = config.rank, view.in_features, view.out_features
-        self.lora_A = nn.Parameter(torch.empty(r, n_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
-        with torch.no_grad():
-            if view.kind == "embedding":
-                self.lora_A.zero_()
-                self.lora_B.normal_(generator=generator)
-            elif config.init == "gaussian":
-                self.lora_A.normal_(0.0, 1.0 / r, generator=generator)
-            else:
-                bound = 1.0 / math.sqrt(n_in)
-                self.lora_A.uniform_(-bound, bound, generator=generator)
-        self.drop = config.dropout
+        self.lora_A = nn.Parameter(torch.empty(r, n_in, **view.factory_kwargs))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, r, **view.factory_kwargs))
+        if view.kind == "embedding":
+            self.lora_A.data.zero_()
+            normal_(self.lora_B, 1.0, generator)
+        elif config.init == "gaussian":
+            normal_(self.lora_A, 1.0 / r, generator)
+        else:
+            uniform_(self.lora_A, kaiming_bound(n_in), generator)
 
     @classmethod
     def num_params(cls, view: LayerView, config: LoraConfig) -> int:
         return config.rank * (view.in_features + view.out_features)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        a, b = self.lora_A, self.lora_B
-        kind = self.view.kind
-        linear = kind == "linear" or kind == "hf_conv1d"
-        dropping = self.drop > 0 and self.training
-        if linear and x.dtype == a.dtype == base_out.dtype and not autocast_on(x.device.type):
-            mask, keep = None, 1.0
-            if dropping:
-                keep = 1.0 - self.drop
-                mask = keep_mask(x, keep)
-            if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
-                                            or base_out.requires_grad):
-                return LowRankLinear.apply(x, base_out, a, b, self.scale, mask, keep)
-            return lowrank_branch(x, base_out, a, b, self.scale / keep, mask)  # no graph to build (inference)
-        # general path: other layer kinds, mixed dtypes, autocast
-        if x.is_floating_point() and x.dtype != a.dtype:
-            x = x.to(a.dtype)
-        if dropping and linear:
-            keep = 1.0 - self.drop
-            mask = keep_mask(x, keep)
-            h = DropoutLinear.apply(x, a, mask, keep)
-        else:
-            if dropping and x.is_floating_point():
-                x = F.dropout(x, self.drop, training=True)
-            h = self.view.apply_in(x, a)
-        if linear and base_out.dtype == h.dtype:
-            # one fused kernel: base_out + s·h Bᵀ (no out-sized temporaries)
-            out2d = torch.addmm(base_out.reshape(-1, b.shape[0]), h.reshape(-1, b.shape[1]), b.t(), alpha=self.scale)
-            return out2d.view(base_out.shape)
-        return base_out + (self.view.apply_out(h, b) * self.scale).to(base_out.dtype)
+        return low_rank_apply(self.view, x, base_out, self.lora_A, self.lora_B, self.scale,
+                              self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         return self.view.to_param((self.lora_B @ self.lora_A) * self.scale)

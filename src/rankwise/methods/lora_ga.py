@@ -141,7 +141,7 @@ class LoraGa(ResidualLowRank):
         return self.config.direction != "random" and exact
 
     def __init__(self, view: LayerView, config: LoraGaConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         a0 = b0 = None
         if not loading(calibration):

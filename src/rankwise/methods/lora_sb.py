@@ -38,6 +38,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import CalibrationError
 from ..linalg import randomized_svd, truncated_svd
@@ -89,7 +90,7 @@ def first_update(grad: torch.Tensor, config: LoraSbConfig) -> torch.Tensor:
 
 
 @register("lora_sb")
-class LoraSb(nn.Module):
+class LoraSb(Method):
     """``ΔW = s · B R A`` with ``B, A`` the top singular vectors of the first full-FT update, ``R`` trained."""
 
     Config = LoraSbConfig
@@ -105,7 +106,7 @@ class LoraSb(nn.Module):
         return self.config.svd == "exact" or 2 * self.rank >= min(self.view.out_features, self.view.in_features)
 
     def __init__(self, view: LayerView, config: LoraSbConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         self.view, self.config, self.rank = view, config, config.rank
         self.scale = config.scale

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import check_rank_fits, low_rank_out, weight_svd
 
@@ -52,7 +53,7 @@ class LoraXSConfig(AdapterConfig):
 
 
 @register("lora_xs")
-class LoraXS(nn.Module):
+class LoraXS(Method):
     """``ΔW = s · U_r Σ_r R V_rᵀ`` with only ``R`` trained (see module docstring)."""
 
     Config = LoraXSConfig
@@ -64,7 +65,7 @@ class LoraXS(nn.Module):
     demo_options = {"rank": 16}
 
     def __init__(self, view: LayerView, config: LoraXSConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         self.scale = (float(r) if config.alpha is None else float(config.alpha)) / r

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import factor_dtype
 
@@ -54,7 +55,7 @@ class LormaConfig(AdapterConfig):
 
 
 @register("lorma")
-class Lorma(nn.Module):
+class Lorma(Method):
     """``W = (I + s B A) W0`` (see module docstring)."""
 
     Config = LormaConfig
@@ -66,7 +67,7 @@ class Lorma(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: LormaConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = config.rank
         self.scale = (float(r) if config.alpha is None else float(config.alpha)) / r

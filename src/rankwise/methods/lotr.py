@@ -39,6 +39,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._shared_common import float_kw, low_rank_forward, positive_int, random_orthonormal
 
@@ -83,7 +84,7 @@ class LotrFactors(nn.Module):
 
 
 @register("lotr")
-class Lotr(nn.Module):
+class Lotr(Method):
     """Tucker-2 update ``s · U G_l V`` with ``U, V`` shared by a layer group (see module docstring)."""
 
     Config = LotrConfig
@@ -104,7 +105,7 @@ class Lotr(nn.Module):
         return groups
 
     def __init__(self, view: LayerView, config: LotrConfig, generator=None, calibration=None, shared=None):
-        super().__init__()
+        super().__init__(view, config)
         if shared is None:  # built outside rw.adapt: a group of one
             shared = self.shared([view], config, generator)
         view.check_rank(config.rank, "lotr")

@@ -47,7 +47,7 @@ class Milora(ResidualLowRank):
         return {}
 
     def __init__(self, view: LayerView, config: MiloraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         a0 = b0 = None
         if not loading(calibration):

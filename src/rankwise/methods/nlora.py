@@ -74,7 +74,7 @@ class Nlora(ResidualLowRank):
         return self.config.landmarks == "first"
 
     def __init__(self, view: LayerView, config: NloraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         r, dt = config.rank, factor_dtype(view)
         a0 = b0 = n0 = None

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.ops import LowRankLinear, autocast_on, keep_mask, lowrank_branch
 from ..core.registry import register
 from ._shared_bases import SeededBases, draw_seed
@@ -83,7 +84,7 @@ class NolaBases(SeededBases):
 
 
 @register("nola")
-class Nola(nn.Module):
+class Nola(Method):
     """LoRA factors as trained combinations of seeded random bases (see module docstring)."""
 
     Config = NolaConfig
@@ -95,7 +96,7 @@ class Nola(nn.Module):
     demo_options = {"rank": 8}
 
     def __init__(self, view: LayerView, config: NolaConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "nola")
         self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
         self.bases = NolaBases(draw_seed(generator), config.rank, view.out_features, view.in_features,

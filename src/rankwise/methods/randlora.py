@@ -43,6 +43,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
 from ._shared_bases import SeededBases, draw_seed, largest_dims
@@ -159,7 +160,7 @@ def _set_bases(bases: RandloraBases, a: torch.Tensor, b: torch.Tensor, where: st
 
 
 @register("randlora")
-class Randlora(nn.Module):
+class Randlora(Method):
     """Full-rank update from scaled shared random bases (see module docstring)."""
 
     Config = RandloraConfig
@@ -179,7 +180,7 @@ class Randlora(nn.Module):
                              persistent=config.save_projection)
 
     def __init__(self, view: LayerView, config: RandloraConfig, generator=None, calibration=None, shared=None):
-        super().__init__()
+        super().__init__(view, config)
         if shared is None:
             shared = self.shared([view], config, generator)
         self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import check_rank_fits, low_rank_out, scale_channels, weight_svd
 
@@ -61,7 +62,7 @@ class SaltConfig(AdapterConfig):
 
 
 @register("salt")
-class Salt(nn.Module):
+class Salt(Method):
     """Scale/shift of the top singular values plus LoRA (see module docstring)."""
 
     Config = SaltConfig
@@ -72,7 +73,7 @@ class Salt(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: SaltConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         self.lora_rank = k = config.lora_rank

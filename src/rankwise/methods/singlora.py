@@ -41,6 +41,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import factor_dtype, low_rank_out
 
@@ -63,7 +64,7 @@ class SingLoraConfig(AdapterConfig):
 
 
 @register("singlora")
-class SingLora(nn.Module):
+class SingLora(Method):
     """``ΔW = (α/r) u(t) A[:out] A[:in]ᵀ`` (see module docstring)."""
 
     Config = SingLoraConfig
@@ -74,7 +75,7 @@ class SingLora(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: SingLoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = config.rank
         self.scale = (float(r) if config.alpha is None else float(config.alpha)) / r

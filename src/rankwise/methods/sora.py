@@ -56,6 +56,7 @@ from torch import nn
 from ..core.api import adapter_state
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import ConfigError
 from ._rank_common import adapters_of
@@ -98,7 +99,7 @@ class SoraConfig(AdapterConfig):
 
 
 @register("sora")
-class Sora(nn.Module):
+class Sora(Method):
     """LoRA with a sparse gate on the rank dimension (see module docstring)."""
 
     Config = SoraConfig
@@ -109,7 +110,7 @@ class Sora(nn.Module):
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: SoraConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         view.check_rank(config.rank, "sora")
         r = config.rank_of(view.name)
         self.view, self.config, self.rank, self.scale = view, config, r, config.scale

@@ -41,6 +41,7 @@ from torch import nn
 from ..core.api import adapted_layers
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import check_rank_fits, low_rank_out, scale_channels, weight_svd
 
@@ -62,7 +63,7 @@ class SorsaConfig(AdapterConfig):
 
 
 @register("sorsa")
-class Sorsa(nn.Module):
+class Sorsa(Method):
     """Trainable principal singular triplets with an orthonormal regularizer (see module docstring)."""
 
     Config = SorsaConfig
@@ -74,7 +75,7 @@ class Sorsa(nn.Module):
     default_lr = 1e-3
 
     def __init__(self, view: LayerView, config: SorsaConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         u, s, vt = weight_svd(view, r)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import cayley, check_rank_fits, low_rank_out, num_skew, scale_channels, weight_svd
 
@@ -56,7 +57,7 @@ class SpectralConfig(AdapterConfig):
 
 
 @register("spectral")
-class Spectral(nn.Module):
+class Spectral(Method):
     """Additive or rotational tuning of the top-``r`` singular vectors (see module docstring)."""
 
     Config = SpectralConfig
@@ -68,7 +69,7 @@ class Spectral(nn.Module):
     default_lr = 1e-3  # demo task: 3e-3 diverges, 1e-3 beats 3e-4 (A_U, A_V are scaled by Σ_r)
 
     def __init__(self, view: LayerView, config: SpectralConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         self.mode = config.mode

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import cayley, check_rank_fits, low_rank_out, num_skew, scale_channels, weight_svd
 
@@ -51,7 +52,7 @@ class SvfitConfig(AdapterConfig):
 
 
 @register("svfit")
-class Svfit(nn.Module):
+class Svfit(Method):
     """Trainable top-``r`` singular values of ``W0`` (see module docstring)."""
 
     Config = SvfitConfig
@@ -64,7 +65,7 @@ class Svfit(nn.Module):
     demo_options = {"rank": 32}
 
     def __init__(self, view: LayerView, config: SvfitConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         u, s, vt = weight_svd(view, r)

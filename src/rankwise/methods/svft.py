@@ -50,6 +50,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ._svd_common import check_rank_fits, low_rank_out, scale_channels, weight_svd
 
@@ -162,7 +163,7 @@ class _BandMix(torch.autograd.Function):
 
 
 @register("svft")
-class Svft(nn.Module):
+class Svft(Method):
     """``ΔW = U M Vᵀ`` with a sparse trained ``M`` (see module docstring)."""
 
     Config = SvftConfig
@@ -173,7 +174,7 @@ class Svft(nn.Module):
     default_lr = 5e-3
 
     def __init__(self, view: LayerView, config: SvftConfig, generator=None, calibration=None):
-        super().__init__()
+        super().__init__(view, config)
         self.view, self.config = view, config
         p, d, k = _sizes(view, config)
         self.rank, self.band = p, d

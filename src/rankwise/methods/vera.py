@@ -40,6 +40,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.ops import autocast_on
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
@@ -147,7 +148,7 @@ class _VeraLinear(torch.autograd.Function):
 
 
 @register("vera")
-class Vera(nn.Module):
+class Vera(Method):
     """``ΔW = Λ_b B Λ_d A`` with frozen shared random ``A, B`` (see module docstring)."""
 
     Config = VeraConfig
@@ -165,7 +166,7 @@ class Vera(nn.Module):
         return VeraBases([seed, n_out, n_in], config.rank, persistent=config.save_projection)
 
     def __init__(self, view: LayerView, config: VeraConfig, generator=None, calibration=None, shared=None):
-        super().__init__()
+        super().__init__(view, config)
         if shared is None:  # built outside rw.adapt: bases of its own
             shared = self.shared([view], config, generator)
         self.view, self.config, self.rank = view, config, config.rank

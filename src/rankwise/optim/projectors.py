@@ -27,16 +27,29 @@ Kinds (``make_projector(kind, ...)``):
                     ``O(mn log m)``). Only the ``r`` column indices are stored.
 ``hadamard``        as ``dct`` with the normalised Walsh–Hadamard basis (fast transform
                     ``O(mn log m)``); the projected dimension must be a power of two.
-``online_pca``      Online Subspace Descent (Liang et al., 2024, arXiv:2408.12857): the basis is
-                    started from the SVD of the first gradient, then at every refresh takes one
-                    gradient step on the PCA loss ``‖G − P Pᵀ G‖²`` — for orthonormal ``P`` this is
-                    Oja's rule ``P ← P + 2η (I − P Pᵀ) G Gᵀ P / ‖G‖²`` — and is re-orthonormalised
-                    by QR (``orthonormalize=True``). ``O(mnr)``: no SVD after the first step.
+``online_pca``      Online Subspace Descent (OSD; Liang et al., 2024, arXiv:2408.12857, as its
+                    official code does it): the basis starts from the SVD of the first gradient
+                    and then moves at **every** step (``update_gap`` is not an interval here) by one
+                    optimizer step on the PCA loss of the normalised gradient ``Ĝ = G/‖G‖_F``::
+
+                        L(P) = ‖P Pᵀ Ĝ − Ĝ‖²_F              (left; right: ‖Ĝ Q Qᵀ − Ĝ‖²_F)
+                        ∇L  = 2 (P PᵀS P + S P PᵀP − 2 S P),  S = Ĝ Ĝᵀ (never formed)
+
+                    with AdamW (``pca_optimizer="adamw"``: torch's defaults β = (0.9, 0.999),
+                    ε = 1e-8, decay 0.01) or plain SGD, at the learning rate ``pca_lr = 1/update_gap``
+                    (the official ``lr = 1/update_proj_gap``). There is no re-orthonormalisation
+                    (``orthonormalize=True`` adds a QR after each step). As in the official code,
+                    step ``t`` projects with the basis ``P_t`` that ``G_{t−1}`` produced and then
+                    takes the step ``P_{t+1} = P_t − lr·AdamW(∇L(P_t; G_t))``; the step is applied
+                    at the start of the next ``update`` (it needs only the moments, so nothing
+                    extra is stored). ``O(mnr)`` per step: no SVD after the first.
+                    State: ``proj_osd_exp_avg``/``proj_osd_exp_avg_sq`` (basis-shaped),
+                    ``proj_osd_step`` (gradient evaluations so far), ``proj_osd_pending``.
 
 Refresh schedule: ``update(grad, step)`` recomputes the basis when it is missing or when
 ``step % update_gap == 0`` (``step`` counts from 0, as in galore-torch), and returns whether it
-did. A per-parameter gap stored in the state (``proj_gap``) overrides ``update_gap`` (Q-GaLore's
-lazy updates grow it).
+did (``online_pca`` moves its basis at every call, see above). A per-parameter gap stored in the
+state (``proj_gap``) overrides ``update_gap`` (Q-GaLore's lazy updates grow it).
 
 State: everything a projector needs between steps lives in the dict ``state`` it is bound to
 (in an optimizer, the parameter's ``optimizer.state[p]``), under keys starting ``proj_``:
