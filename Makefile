@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean chromium
+.PHONY: demo test test-fast test-slow lint bench clean chromium
 
 # headless Chromium renders the analysis report in the tests (Debian package `chromium`)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -28,6 +28,9 @@ test: $(STAMP) chromium lint
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m slow tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -351,3 +351,113 @@ def test_lora_dropout_layer_gradcheck(kind, dropout):
     else:
         torch.testing.assert_close(train_out, eval_out)
     torch.testing.assert_close(eval_out, dense)
+
+
+# ---- gradients: activation view == weight view ------------------------------------------------------
+def _float_input(x, dtype):
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+@pytest.mark.parametrize("method,kind,seed", CASES)
+def test_activation_grads_equal_weight_view_grads(method, kind, seed):
+    """The backward of ``forward`` (custom autograd nodes included) is the gradient of the weight view:
+    for a random upstream gradient, d/dθ of ``layer(x)`` equals d/dθ of ``functional(x, W0 + ΔW(θ))``
+    for every adapter parameter θ, and the input gradients agree (float64, so only real errors show)."""
+    layer, x = _make_layer(kind, seed)
+    model = Net(layer.double()).eval()
+    x = _float_input(x, torch.float64)
+    rw.adapt(model, _config(method, layer), seed=seed, **_calibration(method, x))
+    adapted = model.layer
+    for ad in adapted.adapters.values():
+        ad.finish_warmup()
+    _perturb(adapted.adapters.parameters(), seed + 100)
+    params = [p for p in adapted.adapters.parameters() if p.requires_grad]
+    xs = x.clone().requires_grad_(x.is_floating_point())
+    out = adapted(xs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    inputs = params + ([xs] if x.is_floating_point() else [])
+    got = torch.autograd.grad((out * g).sum(), inputs, allow_unused=True)
+    w = adapted.base.weight + adapted.delta_weight()
+    ref_out = adapted.view.functional(xs, _to2d(adapted, w))
+    want = torch.autograd.grad((ref_out * g).sum(), inputs, allow_unused=True)
+    names = [n for n, p in adapted.adapters.named_parameters() if p.requires_grad] + ["input"]
+    for name, a, b in zip(names, got, want):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is None:
+            continue
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{method}/{kind} {n}: {m}")
+
+
+# ---- low precision: bf16 weights, autocast, meta device ---------------------------------------------
+def _bf16_close(out, ref):
+    """Within bfloat16's precision (8 significant bits) of a float32 reference."""
+    out, ref = out.float(), ref.float()
+    err = (out - ref).abs().max().item()
+    assert err <= 0.04 * (ref.abs().max().item() + 1.0), f"max error {err:.3g} vs scale {ref.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("method,kind,seed", [c for c in CASES if c.values[2] == 0])
+def test_trains_with_bf16_weights(method, kind, seed):
+    """A bfloat16 model: adapter tensors in bf16, forward matches the weight view at bf16 precision,
+    one backward gives finite gradients on every adapter parameter and none on the base."""
+    layer, x = _make_layer(kind, seed)
+    model = Net(layer.to(torch.bfloat16))
+    x = _float_input(x, torch.bfloat16)
+    rw.adapt(model, _config(method, layer), seed=seed, **_calibration(method, x))
+    adapted = model.layer
+    for ad in adapted.adapters.values():
+        ad.finish_warmup()
+    _perturb(adapted.adapters.parameters(), seed + 100, std=0.1)
+    for name, t in adapted.adapters.state_dict().items():
+        assert t.dtype == torch.bfloat16 or not t.is_floating_point(), f"{method}: {name} is {t.dtype}, not bf16"
+    model.train()
+    out = adapted(x)
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        w = (adapted.base.weight.float() + adapted.delta_weight().float())
+        ref = adapted.view.functional(_float_input(x, torch.float32), _to2d(adapted, w), bias=False)
+        bias = adapted.base.bias if kind != "embedding" else None
+        if bias is not None:
+            shape = [1, -1] + [1] * (ref.dim() - 2) if kind.startswith("conv") else [-1]
+            ref = ref + bias.float().view(shape)
+    _bf16_close(out, ref)
+    out.float().square().mean().backward()
+    for n, p in adapted.adapters.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), n
+    assert adapted.base.weight.grad is None
+
+
+@pytest.mark.parametrize("method,kind,seed", [c for c in CASES if c.values[2] == 0])
+def test_trains_under_autocast(method, kind, seed):
+    """float32 weights under ``torch.autocast("cpu", bfloat16)``: the output matches the float32 weight
+    view at bf16 precision, gradients are finite and the adapter's parameters stay float32."""
+    _, model, x, adapted = _build(method, kind, seed)
+    model.train()
+    with torch.no_grad():
+        ref = adapted(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapted(x)
+    _bf16_close(out, ref)
+    out.float().square().mean().backward()
+    for n, p in adapted.adapters.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.parametrize("method,kind,seed", [c for c in CASES if c.values[2] == 0])
+def test_adapts_meta_device_model(method, kind, seed):
+    """``rw.adapt`` on a model built under ``torch.device("meta")`` (how FSDP and large-model loaders
+    build models) creates every adapter tensor on the meta device, with the declared parameter count."""
+    layer, x = _make_layer(kind, seed)
+    with torch.device("meta"):
+        model = Net(copy.deepcopy(layer).to("meta"))
+        rw.adapt(model, _config(method, layer), seed=seed, **_calibration(method, x.to("meta")))
+    adapted = model.layer
+    tensors = dict(adapted.adapters.named_parameters()) | dict(adapted.adapters.named_buffers())
+    assert tensors, method
+    for name, t in tensors.items():
+        assert t.device.type == "meta", f"{method}: {name} was created on {t.device}"
+    cls = rw.get_method(method)
+    assert rw.trainable_parameters(model) == cls.num_params(adapted.view, adapted.adapters["default"].config)
