@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --methods all --seeds 1
     python benchmarks/convergence.py --methods lora,pissa,eva --steps 120 --out conv/
     python benchmarks/convergence.py --quick                 # smoke run (< 1 min)
+    python benchmarks/convergence.py --methods lora,lora_ga,lora_ga+variant=peft  # a method with options
 
 Task and model are ``rankwise demo``'s: all-MiniLM-L6-v2 classifying standard-library
 docstrings by module family (10 classes), the classification head trained fully with every
@@ -24,6 +25,7 @@ loss reaches LoRA's smoothed final loss (the papers' convergence-speed claims ar
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import statistics
 import sys
@@ -61,6 +63,22 @@ def _lr(name: str, args) -> float:
     return args.lr if args.lr is not None and name != FULL else default_lr(name)
 
 
+def _split(label: str) -> tuple[str, dict]:
+    """``"lora_ga+variant=peft+gamma=8"`` → ``("lora_ga", {"variant": "peft", "gamma": 8})``: one row
+    per setting of a method; values are Python literals, else strings."""
+    name, *pairs = label.split("+")
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--methods {label!r}: write options as method+key=value")
+        try:
+            opts[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[key] = value
+    return name, opts
+
+
 def _ms(values, digits=3):
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -92,7 +110,9 @@ def main(argv=None):
         registered = set(methods()) | {FULL}
         names = [m for m in DEFAULT.split(",") if m in registered]
     else:
-        names = demo_methods(args.methods)
+        names = (demo_methods("all") if args.methods.strip() == "all"
+                 else [m.strip() for m in args.methods.split(",") if m.strip()])
+        demo_methods(",".join(_split(n)[0] for n in names))  # a clear error for an unknown method
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data, train_ds, valid_ds, task, train_enc, valid_enc, make_model = demo_task(
         minilm_path(), args.per_family, 0, args.max_length)
@@ -102,12 +122,13 @@ def main(argv=None):
     runs: dict[str, list] = {m: [] for m in names}
     t_all = time.perf_counter()
     for seed in range(args.seeds):
-        for name in names:
+        for label in names:
+            name, extra = _split(label)
             cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=_lr(name, args), seed=seed)
-            opts = {} if name == FULL else method_options(name, rank=args.rank)
+            opts = {} if name == FULL else {**method_options(name, rank=args.rank), **extra}
             row, result, _ = run_one(name, make_model, opts, task, train_enc, valid_enc, cfg, ["classifier"],
-                                     desc=f"{name:>10} s{seed}")
-            runs[name].append((row, result.losses))
+                                     desc=f"{label:>10} s{seed}")
+            runs[label].append((row, result.losses))
     total = time.perf_counter() - t_all
 
     ref = None
@@ -130,7 +151,7 @@ def main(argv=None):
             "loss @100%": _ms([_window(lo, 1.0) for lo in losses]),
             "accuracy": _ms([r["accuracy"] for r, _ in rs]),
             "steps to LoRA's final loss": reach,
-            "lr": _lr(name, args),
+            "lr": _lr(_split(name)[0], args),
             "s / run": round(statistics.mean(r["wall time (s)"] for r, _ in rs), 1),
         })
     headers = list(rows[0])
