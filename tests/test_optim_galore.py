@@ -119,17 +119,29 @@ def test_hadamard_needs_power_of_two():
         p.update(torch.randn(12, 40), 0)
 
 
-def test_online_pca_tracks_the_top_subspace():
-    """Started from another gradient, repeated Oja steps on a fixed G converge to G's top-r subspace."""
+@pytest.mark.parametrize("options,tol", [({"pca_optimizer": "sgd", "pca_lr": 0.25}, 1e-6),
+                                         ({"update_gap": 20}, 1e-3)], ids=["sgd", "adamw"])
+def test_online_pca_tracks_the_top_subspace(options, tol):
+    """Started from another gradient, Online Subspace Descent on a fixed G converges to G's top-r
+    subspace (the minimiser of ‖P PᵀĜ − Ĝ‖²); under SGD P also becomes orthonormal, AdamW (constant
+    lr 1/20, decay 0.01) hovers near it. The official update itself is checked step by step in
+    tests/optim/test_projectors.py."""
     U, _, Vh = torch.linalg.svd(torch.randn(24, 40, generator=_g(10), dtype=torch.float64), full_matrices=False)
     G = U @ torch.diag(torch.tensor([5.0, 4.0, 3.0] + [0.3] * 21, dtype=torch.float64)) @ Vh
-    p = make_projector("online_pca", 3, update_gap=1, pca_lr=1.0)
+    p = make_projector("online_pca", 3, **options)
     p.update(torch.randn(24, 40, generator=_g(11), dtype=torch.float64), 0)
     top = U[:, :3] @ U[:, :3].T
-    start = (p.basis @ p.basis.T - top).norm()
-    for step in range(1, 100):
+
+    def dist():
+        q = torch.linalg.qr(p.basis)[0]
+        return (q @ q.T - top).norm()
+
+    start = dist()
+    for step in range(1, 500):
         p.update(G, step)
-    assert start > 0.5 and (p.basis @ p.basis.T - top).norm() < 1e-6
+    assert start > 0.5 and dist() < tol
+    if options.get("pca_optimizer") == "sgd":
+        assert torch.allclose(p.basis.T @ p.basis, torch.eye(3, dtype=torch.float64), atol=1e-10)
 
 
 def test_random_projector_matches_apollo_torch_seeds():
@@ -497,6 +509,8 @@ def _make(kind, model):
         "galore": lambda: GaLoreAdamW(groups, lr=1e-2),
         "galore_random": lambda: GaLoreAdamW(param_groups(model, rank=4, update_proj_gap=2, projector="random"),
                                              lr=1e-2),
+        "galore_online_pca": lambda: GaLoreAdamW(param_groups(model, rank=4, update_proj_gap=20,
+                                                              projector="online_pca"), lr=1e-2),
         "galore8bit": lambda: GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=0),
         "qgalore": lambda: QGaLoreAdamW(groups, lr=1e-2, min_8bit_size=0, quant_group_size=32,
                                         weight_group_size=32, cos_threshold=0.0, queue_size=1,
@@ -506,7 +520,8 @@ def _make(kind, model):
     }[kind]()
 
 
-@pytest.mark.parametrize("kind", ["galore", "galore_random", "galore8bit", "qgalore", "fira", "flora"])
+@pytest.mark.parametrize("kind", ["galore", "galore_random", "galore_online_pca", "galore8bit", "qgalore", "fira",
+                                  "flora"])
 def test_state_dict_round_trip_resumes_exactly(kind, llama, single_thread):
     """Save after 3 steps (torch.save, then torch.load(weights_only=True) as the HF Trainer does),
     load into a fresh optimizer on a copy of the model: the next 3 steps are identical."""

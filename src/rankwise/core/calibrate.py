@@ -27,10 +27,11 @@ Memory:
 * gradients are collected lazily, when a layer's adapter asks for ``stats.grad``: one pass over
   the batches computes the gradients of a group of consecutive target layers, accumulating each
   in float32 as soon as autograd produces it (``.grad`` is freed at once); only those layers'
-  weights require grad during the pass. ``Batches(grad_bytes=...)`` bounds the group's memory
-  (one layer per pass at the smallest, so peak memory stays near one layer's gradient; default:
-  every target layer in one pass, like PEFT's LoRA-GA); the engine releases each gradient once
-  the layer's adapter is built.
+  weights require grad during the pass (a ``.grad`` the caller left on one of them is set aside
+  for the pass, so it does not leak into the statistic, and put back afterwards).
+  ``Batches(grad_bytes=...)`` bounds the group's memory (one layer per pass at the smallest, so
+  peak memory stays near one layer's gradient; default: every target layer in one pass, like
+  PEFT's LoRA-GA); the engine releases each gradient once the layer's adapter is built.
 
 A method that must see all layers' statistics at once (EVA's rank redistribution) defines
 ``plan(views, config, calibration, generator=None) -> {module name: overrides or None}``: per-module config
@@ -469,8 +470,12 @@ def _grad_pass(model: nn.Module, calib: Calibration, names: list[str]) -> dict[s
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
+    # a .grad the caller left on a target weight would be added into the first batch's gradient by
+    # autograd's accumulation: set it aside for the pass and give it back afterwards
+    stale = {pid: w.grad for pid, (w, _) in params.items()}
     handles = []
     for pid, (w, _) in params.items():
+        w.grad = None
         w.requires_grad_(True)
         handles.append(w.register_post_accumulate_grad_hook(make_hook(pid)))
     device = model_device(model)
@@ -495,8 +500,9 @@ def _grad_pass(model: nn.Module, calib: Calibration, names: list[str]) -> dict[s
         for h in handles:
             h.remove()
         for p, flag in flags:
-            p.grad = None if id(p) in params else p.grad
             p.requires_grad_(flag)
+        for pid, (w, _) in params.items():
+            w.grad = stale[pid]
     if batches == 0:
         raise CalibrationError(f"method '{calib.method}': the calibration batches are empty; give at least one batch.")
     out = {}

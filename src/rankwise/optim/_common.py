@@ -46,7 +46,7 @@ SUBSPACE_CHANGES = ("keep", "reset", "reproject")
 
 GROUP_DEFAULTS = {
     "rank": None,                # None: not projected (plain AdamW); int, or float in (0, 1) = fraction
-    "update_proj_gap": 200,      # steps between subspace refreshes (T)
+    "update_proj_gap": 200,      # steps between subspace refreshes (T); online_pca: its basis lr is 1/T
     "scale": 1.0,                # α multiplying the projected-back update
     "proj_type": "std",          # side: std/auto (smaller dim), reverse_std, left, right
     "projector": "svd",          # projector kind, see rankwise.optim.projectors.KINDS
@@ -100,6 +100,10 @@ def check_group(owner: str, group: dict) -> None:
     mode = group.get("subspace_change")
     if mode not in SUBSPACE_CHANGES:
         raise ConfigError(f"{where}: subspace_change={mode!r} must be one of {SUBSPACE_CHANGES}.")
+    if mode == "reset" and kind == "online_pca":
+        raise ConfigError(f"{where}: subspace_change='reset' with projector='online_pca' would zero the moments at "
+                          "every step (Online Subspace Descent moves the basis at every step); use 'keep' (as the "
+                          "official code) or 'reproject'.")
     style = group.get("adam_style", "hf")
     if style not in ADAM_STYLES:
         raise ConfigError(f"{where}: adam_style={style!r} must be one of {ADAM_STYLES}.")

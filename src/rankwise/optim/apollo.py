@@ -29,9 +29,10 @@ equal state). Other projector kinds
 (``projector="svd"`` is the paper's APOLLO-SVD ablation) keep their basis in the state.
 
 Seeds: parameter number ``i`` (0-based over all param groups, in order) starts from seed
-``projector_options["seed"] + i`` (default seed 1, which is apollo-torch's 1-based numbering), so
-with the same param groups the loss trajectory equals apollo-torch's; ``tests/test_optim_more.py``
-checks 50 steps of APOLLO and APOLLO-Mini against it. Non-matrix parameters take the plain AdamW
+``projector_options["seed"] + i`` (default seed 1, which is apollo-torch's 1-based numbering; only
+the seeded kinds ``random`` / ``randomized_svd`` get a seed), so with the same param groups the loss
+trajectory equals apollo-torch's; ``tests/test_optim_more.py`` checks 50 steps of APOLLO and
+APOLLO-Mini against it, ``tests/optim/test_apollo.py`` every projector kind on default options. Non-matrix parameters take the plain AdamW
 step of apollo-torch (``ε`` outside the bias correction, decay after the update).
 """
 
@@ -63,7 +64,8 @@ class APOLLO(LowRankOptimizer):
     Group keys (besides AdamW's): ``rank`` (None: plain AdamW for this group), ``update_proj_gap``
     (T, default 200), ``scale`` (α), ``scale_type`` ("channel" | "tensor"), ``proj_type``
     ("std": project the smaller side), ``projector`` ("random" default; any kind of
-    :mod:`rankwise.optim.projectors`), ``projector_options`` (``{"seed": 1}`` by default).
+    :mod:`rankwise.optim.projectors`), ``projector_options`` (the kind's options; the seeded kinds
+    ``random`` / ``randomized_svd`` start from ``seed`` 1 unless it is given).
     """
 
     owner = "APOLLO"
@@ -74,7 +76,7 @@ class APOLLO(LowRankOptimizer):
                  projector_options: dict | None = None, scale_front: bool = False, disable_nl: bool = False,
                  store_projection: bool = False):
         check_adam_args(self.owner, lr, betas, eps, weight_decay)
-        opts = {"seed": 1} if projector_options is None else dict(projector_options)
+        opts = None if projector_options is None else dict(projector_options)
         defaults = dict(GROUP_DEFAULTS)
         defaults.update(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, scale_type=scale_type,
@@ -93,6 +95,14 @@ class APOLLO(LowRankOptimizer):
                               "moments across projection refreshes (only 'keep' is supported).")
         if group.get("adam_style", "hf") != "hf":
             raise ConfigError(f"{where}: adam_style must be 'hf' (apollo-torch's AdamW arithmetic).")
+
+    def projector_kwargs(self, p, group):
+        """As the base class, but the seeded kinds (``random``, ``randomized_svd``) start from seed 1
+        when the options give none (apollo-torch's numbering); other kinds take no seed."""
+        kind = group["projector"]
+        if kind in ("random", "randomized_svd") and "seed" not in (group.get("projector_options") or {}):
+            group = dict(group, projector_options={**(group.get("projector_options") or {}), "seed": 1})
+        return super().projector_kwargs(p, group)
 
     # ------------------------------------------------------------------ regenerated random projection
     def _random_low(self, p, group, state, grad):
@@ -175,5 +185,5 @@ class APOLLOMini(APOLLO):
 
 def _rank(rank, shape, side: str) -> int:
     dim = shape[0] if side == "left" else shape[1]
-    r = rank if isinstance(rank, int) else max(1, math.ceil(rank * dim))
+    r = rank if isinstance(rank, int) else max(1, round(rank * dim))  # as Projector.effective_rank
     return max(1, min(r, shape[0], shape[1]))

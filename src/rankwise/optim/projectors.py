@@ -32,19 +32,21 @@ Kinds (``make_projector(kind, ...)``):
                     and then moves at **every** step (``update_gap`` is not an interval here) by one
                     optimizer step on the PCA loss of the normalised gradient ``Ĝ = G/‖G‖_F``::
 
-                        L(P) = ‖P Pᵀ Ĝ − Ĝ‖²_F              (left; right: ‖Ĝ Q Qᵀ − Ĝ‖²_F)
-                        ∇L  = 2 (P PᵀS P + S P PᵀP − 2 S P),  S = Ĝ Ĝᵀ (never formed)
+                        L(P) = ‖P Pᵀ Ĝ − Ĝ‖²_F      (left; the right side uses Ĝᵀ and Q)
+                        ∇L  = 2 (P PᵀS P + S P PᵀP − 2 S P),   S = Ĝ Ĝᵀ (never formed)
 
-                    with AdamW (``pca_optimizer="adamw"``: torch's defaults β = (0.9, 0.999),
-                    ε = 1e-8, decay 0.01) or plain SGD, at the learning rate ``pca_lr = 1/update_gap``
-                    (the official ``lr = 1/update_proj_gap``). There is no re-orthonormalisation
-                    (``orthonormalize=True`` adds a QR after each step). As in the official code,
-                    step ``t`` projects with the basis ``P_t`` that ``G_{t−1}`` produced and then
-                    takes the step ``P_{t+1} = P_t − lr·AdamW(∇L(P_t; G_t))``; the step is applied
-                    at the start of the next ``update`` (it needs only the moments, so nothing
-                    extra is stored). ``O(mnr)`` per step: no SVD after the first.
-                    State: ``proj_osd_exp_avg``/``proj_osd_exp_avg_sq`` (basis-shaped),
-                    ``proj_osd_step`` (gradient evaluations so far), ``proj_osd_pending``.
+                    with AdamW (``pca_optimizer="adamw"``, torch's defaults β = (0.9, 0.999),
+                    ε = 1e-8, decay 0.01, as the official ``torch.optim.AdamW([P], lr)``) or plain
+                    SGD, at the learning rate ``pca_lr = 1/update_gap`` (the official
+                    ``lr = 1/update_proj_gap``). No re-orthonormalisation (``orthonormalize=True``
+                    adds a QR after each step). As in the official code, step ``t`` projects with
+                    the basis ``P_t`` and then takes ``P_{t+1} = P_t − lr·AdamW(∇L(P_t; G_t))``;
+                    that step is applied at the start of the next ``update`` from the stored
+                    moments, so AdamW stores nothing beyond its moments. ``O(mnr)`` per step, no
+                    SVD after the first. State: ``proj_osd_exp_avg``, ``proj_osd_exp_avg_sq``
+                    (shaped as the stored basis; SGD keeps its pending gradient in the first),
+                    ``proj_osd_step`` (gradient evaluations), ``proj_osd_pending``. Since the
+                    basis moves at every step, the optimizers refuse ``subspace_change="reset"``.
 
 Refresh schedule: ``update(grad, step)`` recomputes the basis when it is missing or when
 ``step % update_gap == 0`` (``step`` counts from 0, as in galore-torch), and returns whether it
@@ -168,8 +170,10 @@ class Projector:
         return self.shape[0] if self._side == "left" else self.shape[1]
 
     def effective_rank(self) -> int:
-        """The rank used: ``rank`` (or its fraction of the projected dimension), at most ``min(m, n)``."""
-        r = self.rank if isinstance(self.rank, int) else max(1, math.ceil(self.rank * self.dim))
+        """The rank used: ``rank``, or for a fraction ``ρ`` of the projected dimension ``d`` the
+        ``round(ρ·d)`` of FRUGAL's official code (Python's round, half to even), at least 1; at
+        most ``min(m, n)``."""
+        r = self.rank if isinstance(self.rank, int) else max(1, round(self.rank * self.dim))
         return max(1, min(r, self.shape[0], self.shape[1]))
 
     # ------------------------------------------------------------------ basis
@@ -442,37 +446,129 @@ class HadamardProjector(_FixedBasisProjector):
 
 
 class OnlinePCAProjector(Projector):
-    """Online Subspace Descent: one Oja / PCA-loss gradient step per refresh (see module docstring)."""
+    """Online Subspace Descent: one AdamW (or SGD) step on the PCA loss of the normalised gradient at
+    every call (see the module docstring for the equations and the timing of the step).
+
+    Options: ``pca_lr`` (default ``1/update_gap``), ``pca_optimizer`` ("adamw" | "sgd"),
+    ``pca_betas``, ``pca_eps``, ``pca_weight_decay`` (AdamW's; torch's defaults), ``orthonormalize``
+    (QR after each step; off, as in the official code)."""
 
     kind = "online_pca"
+    OPTIMIZERS = ("adamw", "sgd")
 
-    def __init__(self, rank, *, pca_lr: float = 0.5, orthonormalize: bool = True, **kw):
+    def __init__(self, rank, *, pca_lr: float | None = None, pca_optimizer: str = "adamw",
+                 pca_betas=(0.9, 0.999), pca_eps: float = 1e-8, pca_weight_decay: float = 0.01,
+                 orthonormalize: bool = False, **kw):
         super().__init__(rank, **kw)
-        if not isinstance(pca_lr, (int, float)) or not pca_lr > 0:
-            raise ConfigError(f"OnlinePCAProjector: pca_lr={pca_lr!r} must be > 0.")
-        self.pca_lr = float(pca_lr)
+        if pca_lr is not None and (isinstance(pca_lr, bool) or not isinstance(pca_lr, (int, float))
+                                   or not math.isfinite(pca_lr) or not pca_lr > 0):
+            raise ConfigError(f"OnlinePCAProjector: pca_lr={pca_lr!r} must be a finite number > 0, or None "
+                              "(1/update_gap, the official Online Subspace Descent rate).")
+        if pca_optimizer not in self.OPTIMIZERS:
+            raise ConfigError(f"OnlinePCAProjector: pca_optimizer={pca_optimizer!r} must be one of "
+                              f"{self.OPTIMIZERS}.")
+        try:
+            b1, b2 = (float(b) for b in pca_betas)
+        except (TypeError, ValueError):
+            raise ConfigError(f"OnlinePCAProjector: pca_betas={pca_betas!r} must be a pair of floats in "
+                              "[0, 1).") from None
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ConfigError(f"OnlinePCAProjector: pca_betas={pca_betas!r} must both lie in [0, 1).")
+        if not isinstance(pca_eps, (int, float)) or not pca_eps >= 0:
+            raise ConfigError(f"OnlinePCAProjector: pca_eps={pca_eps!r} must be ≥ 0.")
+        if not isinstance(pca_weight_decay, (int, float)) or not pca_weight_decay >= 0:
+            raise ConfigError(f"OnlinePCAProjector: pca_weight_decay={pca_weight_decay!r} must be ≥ 0.")
+        self.pca_lr = None if pca_lr is None else float(pca_lr)
+        self.pca_optimizer = pca_optimizer
+        self.pca_betas = (b1, b2)
+        self.pca_eps = float(pca_eps)
+        self.pca_weight_decay = float(pca_weight_decay)
         self.orthonormalize = bool(orthonormalize)
+        self.orthonormal = self.orthonormalize
 
-    def _refresh(self, grad, step):
+    @property
+    def lr(self) -> float:
+        """The basis optimizer's learning rate: ``pca_lr``, else ``1 / update_gap``."""
+        return self.pca_lr if self.pca_lr is not None else 1.0 / self.update_gap
+
+    def due(self, step: int) -> bool:
+        return True  # the basis moves at every step
+
+    def update(self, grad: torch.Tensor, step: int) -> bool:
+        """First call: the SVD basis. Later calls: apply the pending basis step (if any), then take the
+        gradient of the PCA loss at the current basis and leave its step pending. Returns whether
+        the basis changed."""
+        if self._side is None or getattr(self, "shape", None) != tuple(grad.shape):
+            self._bind_shape(grad.shape)
+        with torch.no_grad():
+            if "proj_basis" not in self.state:
+                self._first_basis(grad)
+                return True
+            changed = self._apply_pending(grad)
+            self._evaluate(grad)
+        return changed
+
+    # the stored basis (left: P, m×r; right: Qᵀ, r×n) is optimized in that layout, as the official
+    # code does; the loss is the same function of P or of Q = (Qᵀ)ᵀ.
+    def _first_basis(self, grad):
+        r = self.effective_rank()
         mat = grad.detach().to(_compute_dtype(grad))
-        a = mat if self._side == "left" else mat.t()  # (dim × other)
-        thin = self.state.get("proj_basis")
-        if thin is None:
-            r = self.effective_rank()
-            u = torch.linalg.svd(a, full_matrices=False)[0][:, :r]
-            self._store(u if self._side == "left" else u.t(), grad)
+        u, _, vh = torch.linalg.svd(mat, full_matrices=False)
+        self._store(u[:, :r] if self._side == "left" else vh[:r], grad)
+
+    def _loss_grad(self, thin: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """``∇L`` in the stored layout at the basis ``thin``, or ``None`` for a zero gradient."""
+        mat = grad.detach().to(thin.dtype)
+        norm = torch.linalg.matrix_norm(mat)
+        if not norm > 0:
+            return None
+        a = mat / norm
+        a = a if self._side == "left" else a.t()  # (dim × other)
+        p = thin if self._side == "left" else thin.t()
+        sp = a @ (a.t() @ p)  # S P
+        g = 2 * (p @ (p.t() @ sp) + sp @ (p.t() @ p) - 2 * sp)
+        return g if self._side == "left" else g.t()
+
+    def _evaluate(self, grad) -> None:
+        st = self.state
+        thin = st["proj_basis"].to(_compute_dtype(st["proj_basis"]))
+        g = self._loss_grad(thin, grad)
+        if g is None:  # G = 0: the loss is undefined; take no step
             return
-        p = (thin if self._side == "left" else thin.t()).to(a.dtype)
-        energy = a.pow(2).sum()
-        if energy == 0:
-            return
-        # ∇_P ‖A − P PᵀA‖² = −4 S P + 2 P (PᵀSP) + 2 S P (PᵀP),  S = A Aᵀ (never formed)
-        sp = a @ (a.t() @ p)
-        grad_p = -4 * sp + 2 * p @ (p.t() @ sp) + 2 * sp @ (p.t() @ p)
-        p = p - (self.pca_lr / (2 * energy)) * grad_p
+        if "proj_osd_exp_avg" not in st:
+            st["proj_osd_exp_avg"] = torch.zeros_like(thin)
+            if self.pca_optimizer == "adamw":
+                st["proj_osd_exp_avg_sq"] = torch.zeros_like(thin)
+            st["proj_osd_step"] = 0
+        st["proj_osd_step"] += 1
+        if self.pca_optimizer == "sgd":
+            st["proj_osd_exp_avg"].copy_(g)
+        else:
+            b1, b2 = self.pca_betas
+            st["proj_osd_exp_avg"].lerp_(g, 1 - b1)
+            st["proj_osd_exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        st["proj_osd_pending"] = True
+
+    def _apply_pending(self, grad) -> bool:
+        st = self.state
+        if not st.get("proj_osd_pending", False):
+            return False
+        lr = self.lr
+        thin = st["proj_basis"].to(_compute_dtype(st["proj_basis"]))
+        m = st["proj_osd_exp_avg"]
+        if self.pca_optimizer == "sgd":
+            new = thin - lr * m
+        else:  # torch.optim.AdamW's arithmetic: decay first, then the bias-corrected Adam step
+            k = st["proj_osd_step"]
+            b1, b2 = self.pca_betas
+            new = thin * (1 - lr * self.pca_weight_decay)
+            denom = (st["proj_osd_exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** k)).add_(self.pca_eps)
+            new = new.addcdiv(m, denom, value=-lr / (1 - b1 ** k))
         if self.orthonormalize:
-            p = _orthonormal_columns(p)
-        self._store(p if self._side == "left" else p.t(), grad)
+            new = _orthonormal_columns(new) if self._side == "left" else _orthonormal_columns(new.t()).t()
+        st["proj_osd_pending"] = False
+        self._store(new, grad)
+        return True
 
 
 _CLASSES: dict[str, type[Projector]] = {
@@ -490,7 +586,8 @@ def make_projector(kind: str, rank: int | float, *, side: str = "auto", update_g
     """Build a projector of ``kind`` (one of :data:`KINDS`).
 
     ``kw`` holds the kind's options (``seed``, ``oversample``, ``power_iters``, ``orthonormalize``,
-    ``pca_lr``) and ``state=`` (the dict to keep tensors in) / ``shape=`` (fix the side now)."""
+    ``pca_lr``, ``pca_optimizer``, ``pca_betas``, ``pca_eps``, ``pca_weight_decay``) and ``state=``
+    (the dict to keep tensors in) / ``shape=`` (fix the side now)."""
     cls = _CLASSES.get(kind)
     if cls is None:
         from ..errors import close_names
