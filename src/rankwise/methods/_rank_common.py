@@ -3,7 +3,7 @@
 * :func:`adapters_of` — every (adapter name, module name, adapter) of one method on a model;
 * :class:`Sensitivity` — AdaLoRA's smoothed importance of every entry of a tensor (Zhang et al.
   2023, eq. 8-10): ``I = |θ ⊙ ∇θ|``, ``Ī ← β₁ Ī + (1-β₁) I``, ``Ū ← β₂ Ū + (1-β₂) |I - Ī|``, score
-  ``Ī ⊙ Ū``; IncreLoRA and AfLoRA use the same score;
+  ``Ī ⊙ Ū``;
 * :func:`resize_` — cut or grow a parameter along one dimension *in place* (the Parameter object
   stays the same, so optimizers keep referring to it) and cut or zero-pad every optimizer state
   tensor of the parameter's old shape (Adam's ``exp_avg``, ``exp_avg_sq``) the same way; scalar
@@ -24,8 +24,8 @@ from torch import nn
 from ..core.api import adapted_layers, adapter_state
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, normal_
 from ..errors import AdapterNotFoundError, ConfigError
-from ._shared_common import float_kw, low_rank_forward
 
 
 def adapters_of(model: nn.Module, method: str, name: str | None = None) -> list[tuple[str, str, nn.Module]]:
@@ -128,11 +128,10 @@ def cubic(step: int, tinit: int, tfinal: int, total: int) -> float:
     return (1 - (step - tinit) / (total - tfinal - tinit)) ** 3
 
 
-def layer_rank_check(cfg, hi_name: str = "rank") -> None:
-    """Validate an optional ``layer_rank`` field: None or an int in [0, …]."""
-    v = cfg.layer_rank
-    cfg._check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "layer_rank",
-               "layer_rank is a module's current rank, written by rank allocation: None or an integer ≥ 0.")
+def layer_rank_check(cfg) -> None:
+    """Validate an optional ``layer_rank`` field (a module's current rank, written by rank allocation)."""
+    if cfg.layer_rank is not None:
+        cfg._check_int("layer_rank", low=0)
 
 
 class Triplets(Method):
@@ -140,28 +139,27 @@ class Triplets(Method):
     config's ``layer_rank`` (a module's current rank, written by allocation) or else ``rank``.
 
     ``A, B ~ N(0, std²)`` and ``E = 0`` (the update starts at exactly zero). Activation view:
-    ``base_out + s · (B ⊙ Eᵀ)(A x)``, LoRA's cost. ``_sens`` holds a :class:`Sensitivity` of each of
-    ``A, E, B`` for the importance scores. Parameters per layer: ``r (in + out + 1)``.
+    ``base_out + s · (B ⊙ Eᵀ)(A x)``, LoRA's cost. ``s`` is :attr:`scale` (the config's by default).
+    Parameters per layer: ``r (in + out + 1)``.
     """
 
-    def _init_triplets(self, view: LayerView, config, std: float, generator=None) -> None:
-        r = config.rank if config.layer_rank is None else config.layer_rank
-        self.view, self.config, self.scale = view, config, config.scale
-        kw = float_kw(view)
-        self.lora_A = nn.Parameter(torch.zeros(r, view.in_features, **kw))
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **kw))
-        with torch.no_grad():
-            self.lora_A.normal_(0.0, std, generator=generator)
-            self.lora_B.normal_(0.0, std, generator=generator)
-        self.reset_sensitivity()
+    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d")
+    default_lr = 3e-3
 
-    def reset_sensitivity(self) -> None:
-        self._sens = {k: Sensitivity(self.config.beta1, self.config.beta2) for k in ("A", "E", "B")}
+    def _init_triplets(self, std: float, generator=None) -> None:
+        view, config = self.view, self.config
+        r = config.rank if config.layer_rank is None else config.layer_rank
+        self.lora_A = nn.Parameter(normal_(torch.empty(r, view.in_features, **view.factory_kwargs), std, generator))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, **view.factory_kwargs))
+        self.lora_B = nn.Parameter(normal_(torch.empty(view.out_features, r, **view.factory_kwargs), std, generator))
 
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.config.scale
 
     @classmethod
     def num_params(cls, view: LayerView, config) -> int:
@@ -171,8 +169,25 @@ class Triplets(Method):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if self.rank == 0:
             return base_out
-        return low_rank_forward(self.view, x, base_out, self.lora_A, self.lora_B * self.lora_E.view(1, -1),
-                                self.scale, self.config.dropout, self.training)
+        return low_rank_apply(self.view, x, base_out, self.lora_A, self.lora_B * self.lora_E.view(1, -1),
+                              self.scale, self.config.dropout, self.training)
+
+    def delta2d(self) -> torch.Tensor:
+        """``ΔW`` in the canonical ``(out, in)`` layout."""
+        return ((self.lora_B * self.lora_E.view(1, -1)) @ self.lora_A) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
-        return self.view.to_param(((self.lora_B * self.lora_E.view(1, -1)) @ self.lora_A) * self.scale)
+        return self.view.to_param(self.delta2d())
+
+    @classmethod
+    def rank_regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
+        """``w · mean over every A and B of ‖A Aᵀ - I‖_F, ‖Bᵀ B - I‖_F`` (``w = orth_reg_weight``)."""
+        cfg = adapter_state(model)[name]["config"]
+        found = adapters_of(model, cls.name, name)
+        if cfg.orth_reg_weight == 0 or not any(ad.lora_A.requires_grad for _, _, ad in found):
+            return None
+        terms = []
+        for _, _, ad in found:
+            for cov in (ad.lora_A @ ad.lora_A.T, ad.lora_B.T @ ad.lora_B):
+                terms.append(torch.norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device), p="fro"))
+        return cfg.orth_reg_weight * (torch.stack(terms).sum() / len(terms))

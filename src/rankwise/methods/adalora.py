@@ -60,20 +60,20 @@ import torch
 from torch import nn
 
 from ..core.api import adapter_state
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
-from ._rank_common import Triplets, adapters_of, layer_rank_check, record_rank, resize_
-from ._shared_common import positive_int
+from ._rank_common import Sensitivity, Triplets, adapters_of, layer_rank_check, record_rank, resize_
 
 EPS = 1e-5  # PEFT: scaling / (ranknum + 1e-5)
 
 
 @dataclass
-class AdaLoraConfig(AdapterConfig):
+class AdaLoraConfig(RankAlphaConfig):
     """rank: initial rank r (PEFT's init_r); target_rank: average final rank (PEFT's target_r; None:
-    2r/3 rounded down); alpha: s = α/(r + 1e-5) (None: α = r); dropout; tinit / tfinal: steps
+    2r/3 rounded down); alpha: s = α/(r + 1e-5) (None: α = r); dropout; rslora: not supported (PEFT's
+    AdaLoRA has no rsLoRA scaling); tinit / tfinal: steps
     without masking at the start / with the final mask at the end; delta_t: steps between
     masks; beta1 / beta2: EMA factors of sensitivity and uncertainty; orth_reg_weight: w;
     total_step: T, the number of training steps (None: the loop's, from rank_step's total_steps); resize: cut the masked
@@ -82,8 +82,6 @@ class AdaLoraConfig(AdapterConfig):
 
     rank: int = 12
     target_rank: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.0
     tinit: int = 0
     tfinal: int = 0
     delta_t: int = 1
@@ -96,30 +94,24 @@ class AdaLoraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
+        self._check(not self.rslora, "rslora", "AdaLoRA scales by α/(r + 1e-5), as PEFT; rsLoRA is not supported.")
         self._check(self.target_rank is None or (isinstance(self.target_rank, int) and 0 <= self.target_rank
                                                  <= self.rank), "target_rank",
                     f"target_rank is the average final rank: an integer in [0, rank={self.rank}] (or None).")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
-        positive_int(self, "tinit", allow_zero=True)
-        positive_int(self, "tfinal", allow_zero=True)
-        positive_int(self, "delta_t")
+        self._check_int("tinit", low=0)
+        self._check_int("tfinal", low=0)
+        self._check_int("delta_t")
         for b in ("beta1", "beta2"):
             self._check(0.0 < getattr(self, b) < 1.0, b, f"{b} is an EMA factor in (0, 1), e.g. 0.85.")
         self._check(self.orth_reg_weight >= 0, "orth_reg_weight", "orth_reg_weight must be ≥ 0.")
         if self.total_step is not None:
-            positive_int(self, "total_step")
+            self._check_int("total_step")
             self._check(self.tinit < self.total_step - self.tfinal, "total_step",
                         f"tinit={self.tinit} + tfinal={self.tfinal} leave no budgeting phase in total_step="
                         f"{self.total_step} steps; lower tinit/tfinal or raise total_step.")
         layer_rank_check(self)
         self._check(self.layer_rank is None or self.layer_rank <= self.rank, "layer_rank",
                     f"a module's rank after a cut cannot exceed the initial rank {self.rank}.")
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank) if self.alpha is None else float(self.alpha)
 
     @property
     def scale(self) -> float:
@@ -154,19 +146,19 @@ class AdaLora(Triplets):
     """SVD-form low-rank update with importance-based rank budget (see module docstring)."""
 
     Config = AdaLoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d")
     summary = "ΔW = s·B diag(E) A, triplets masked by smoothed importance to a cubic rank budget (Zhang et al. 2023)"
-    identity_at_init = True
-    merge_atol = 1e-5
-    default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: AdaLoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        view.check_rank(config.rank, "adalora")
-        self._init_triplets(view, config, 0.02, generator)
-        self.register_buffer("rank_mask", torch.ones(self.rank, dtype=torch.bool))
+        view.check_rank(config.rank, self.name)
+        self._init_triplets(0.02, generator)
+        self.register_buffer("rank_mask", torch.ones(self.rank, dtype=torch.bool, device=view.weight.device))
+        self.reset_sensitivity()
 
     # ---- budget allocation ----------------------------------------------------------------------
+    def reset_sensitivity(self) -> None:
+        self._sens = {k: Sensitivity(self.config.beta1, self.config.beta2) for k in ("A", "E", "B")}
+
     def _params(self):
         return (("A", self.lora_A), ("E", self.lora_E), ("B", self.lora_B))
 
@@ -244,21 +236,6 @@ class AdaLora(Triplets):
             ad._apply_mask()
             ranks[lname] = int(ad.rank_mask.sum())
         return ranks
-
-    @classmethod
-    def rank_regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
-        cfg = adapter_state(model)[name]["config"]
-        found = adapters_of(model, "adalora", name)
-        if cfg.orth_reg_weight == 0 or not any(ad.lora_A.requires_grad for _, _, ad in found):
-            return None
-        total, n = None, 0
-        for _, _, ad in found:
-            for cov in (ad.lora_A @ ad.lora_A.T, ad.lora_B.T @ ad.lora_B):
-                eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-                term = torch.norm(cov - eye, p="fro")
-                total = term if total is None else total + term
-                n += 1
-        return None if total is None else cfg.orth_reg_weight * (total / n)
 
     # ---- PEFT format (used by rankwise.io.peft) -----------------------------------------------
     peft_type = "ADALORA"

@@ -5,31 +5,40 @@ vector (as in ELoRA/VeRA, but with low-rank *trainable* projections)::
 
     ΔW = diag(u) B diag(d) A,     A ∈ R^{r×in},  B ∈ R^{out×r},  d ∈ R^{r},  u ∈ R^{out}
 
-Init: ``A`` kaiming-uniform ``±1/√in``, ``B`` kaiming-uniform ``±1/√r``, ``d = 1``, ``u = 0`` (so the
-adapted model starts as the base).
+Init as the reference's GLUE scripts (``--init_type 1 --d_init_type 94``, ``lora_layer.py``):
+``A`` and ``B`` ``kaiming_uniform_`` with ``a = 0``, i.e. ``U(±√(6/fan_in))`` with fan-in ``in`` for ``A``
+and ``r`` for ``B``; ``d = 0.1``, ``u = 0`` (so the adapted model starts as the base). No scale factor.
 
-Freezing: the projection matrices ``A`` and ``B`` are frozen progressively while ``d`` and ``u`` train
-to the end. Each projection matrix ``P`` has the freezing score
+Freezing (reference ``glue/utils.py``, ``Pruner`` with PLATON scores): the projection matrices
+``A`` and ``B`` are frozen progressively while ``d`` and ``u`` train to the end. With ``s = t - 1``
+(the reference counts optimizer steps from 0) every entry of a trainable projection ``P`` gets
 
-    I = |P ⊙ ∇P|,  Ī ← β₁ Ī + (1-β₁) I,  Ū ← β₂ Ū + (1-β₂) |I - Ī|,  score(P) = mean(Ī ⊙ Ū),
+    I_s = |sign(P) ⊙ ∇P|   (= |∇P|: the gradient alone, not |P ⊙ ∇P|),
 
-updated by :func:`rankwise.rank_step` after each optimizer step ``t``. The fraction of the adapter's
-projection matrices that are frozen follows a cubic schedule, ``1 - (1 - (t - t_init)/(T - t_final -
-t_init))³`` (0 up to ``t_init``, 1 from ``T - t_final``); when it rises, the still-trainable matrices
-with the lowest score are frozen — a small score means the matrix barely moves the loss any more.
-Once frozen, a matrix stays frozen; by ``T - t_final`` only the vectors train, as in ELoRA but at a
-low rank.
+averaged over windows of ``delta_t`` steps; when a window closes (``s % delta_t = 0``) its mean ``Ĩ``
+is folded into ``Ī ← β₁ Ī + (1-β₁) Ĩ``, ``Ū ← β₂ Ū + (1-β₂) |Ĩ - Ī|``, and the matrix scores
+``mean(Ī ⊙ Ū)``. :func:`rankwise.rank_step` updates the scores after each optimizer step ``t``.
+
+Schedule: the fraction of the adapter's projection matrices that are frozen follows the cubic
+``1 - (1 - (t - t_init)/(T - t_final - t_init))³`` (0 up to ``t_init``, 1 from ``T - t_final``); at the
+window boundaries of that phase, when the fraction has risen, the still-trainable matrices with the
+lowest score are frozen. Defaults follow the reference's GLUE runs (``initial_warmup`` 1 epoch,
+``final_warmup`` 14 of 20 / 7 of 10 epochs, ``deltaT = 10``, ``β₁ = 0.85``, ``β₂ = 0.95``), translated
+to steps from the run's length ``T``: ``t_init = max(delta_t, T // 20)`` (one epoch of 20, and at
+least one full averaging window, so nothing is ever frozen on the all-zero scores of the first steps
+— at step 1 ``u = 0`` makes ``∇A = ∇B = 0``) and ``t_final = 7T // 10``.
+
+Deviation: the reference freezes, at each boundary, every matrix whose mean score is below the
+``(1 - threshold)``-quantile of the *entry* scores of the still-trainable matrices (a quantile re-taken
+over a shrinking set, so the frozen fraction is not the schedule's); rankwise makes the schedule the
+frozen fraction itself and picks the matrices by their score. Not reproduced either: the reference
+keeps ``A, B`` frozen from the start on square layers (an ``in == out`` special case of its ELoRA mode).
 
 Rank changes and optimizer state: freezing sets ``requires_grad = False``, drops ``.grad`` and
 removes the matrix's entry from ``optimizer.state`` (freeing Adam's moments); the parameter stays in
 its param group, and since it never gets a gradient again, optimizers skip it. Shapes never change.
 The adapter's file is unaffected (every tensor is saved; ``rw.load`` makes all trainable again).
-
-Ambiguities: the paper computes the freezing score as above (AdaLoRA's sensitivity with
-uncertainty) and uses a cubic freezing schedule; whether a matrix is frozen by comparing its score
-with a scheduled threshold or by ranking is not fully specified — here the schedule sets the
-*fraction* frozen and the ranking picks which. The vector inits (``d = 1``, ``u = 0``) are chosen so
-the update starts at zero. A checkpoint resumed with ``rankwise.train`` needs the same frozen set.
+A checkpoint resumed with ``rankwise.train`` needs the same frozen set.
 
 Parameters per layer (at init, all trainable): ``r (in + out) + r + out``.
 """
@@ -46,38 +55,79 @@ from ..core.api import adapter_state
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, uniform_
 from ..core.registry import register
 from ..errors import ConfigError
-from ._rank_common import Sensitivity, adapters_of, cubic
-from ._shared_common import float_kw, low_rank_forward, positive_int
+from ._rank_common import adapters_of, cubic
 
 
 @dataclass
 class AfLoraConfig(AdapterConfig):
-    """rank: r; dropout; tinit: steps before any freezing; tfinal: steps at the end with every
-    projection frozen; total_step: T (None: the loop's, rank_step's total_steps); beta1 / beta2: EMA factors of the score."""
+    """rank: r; dropout; delta_t: steps per score-averaging window (freezing happens at window ends);
+    tinit: steps before any freezing (None: max(delta_t, T // 20)); tfinal: steps at the end with every
+    projection frozen (None: 7T // 10); total_step: T (None: the loop's, rank_step's total_steps);
+    beta1 / beta2: EMA factors of the score."""
 
     rank: int = 4
     dropout: float = 0.0
-    tinit: int = 0
-    tfinal: int = 0
+    delta_t: int = 10
+    tinit: int | None = None
+    tfinal: int | None = None
     total_step: int | None = None
     beta1: float = 0.85
-    beta2: float = 0.85
+    beta2: float = 0.95
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
-        positive_int(self, "tinit", allow_zero=True)
-        positive_int(self, "tfinal", allow_zero=True)
+        self._check_int("rank")
+        self._check_int("delta_t")
+        self._check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout",
+                    "dropout must be in [0, 1).")
+        for f in ("tinit", "tfinal"):
+            if getattr(self, f) is not None:
+                self._check_int(f, low=0)
         if self.total_step is not None:
-            positive_int(self, "total_step")
-            self._check(self.tinit < self.total_step - self.tfinal, "total_step",
-                        f"tinit={self.tinit} + tfinal={self.tfinal} leave no freezing phase in total_step="
-                        f"{self.total_step}; lower them or raise total_step.")
+            self._check_int("total_step")
+            self.schedule(self.total_step)
         for b in ("beta1", "beta2"):
             self._check(0.0 < getattr(self, b) < 1.0, b, f"{b} is an EMA factor in (0, 1), e.g. 0.85.")
+
+    def schedule(self, total: int) -> tuple[int, int]:
+        """``(t_init, t_final)`` for a run of ``total`` steps (see the module docstring)."""
+        tinit = max(self.delta_t, total // 20) if self.tinit is None else self.tinit
+        tfinal = 7 * total // 10 if self.tfinal is None else self.tfinal
+        if tinit >= total - tfinal:
+            raise ConfigError(f"{type(self).__name__}: tinit={tinit} and tfinal={tfinal} (None: the defaults "
+                              f"max(delta_t, T//20) and 7T//10) leave no freezing phase in T={total} steps; set "
+                              "tinit / tfinal / delta_t for a short run, or raise total_step.")
+        return tinit, tfinal
+
+
+class WindowScore:
+    """The reference's PLATON score of one projection: ``|sign(P) ⊙ ∇P|`` averaged over windows of
+    ``delta_t`` steps, each closed window folded into the EMAs ``Ī``, ``Ū``."""
+
+    def __init__(self, cfg: AfLoraConfig):
+        self.cfg = cfg
+        self.window = self.ipt = self.unc = None
+
+    @torch.no_grad()
+    def update(self, p: torch.Tensor, s: int) -> None:
+        if p.grad is None:
+            return
+        cur = (torch.sign(p) * p.grad).abs().float()
+        if self.window is None:
+            self.window, self.ipt, self.unc = (torch.zeros_like(cur) for _ in range(3))
+        local, b1, b2 = s % self.cfg.delta_t, self.cfg.beta1, self.cfg.beta2
+        if local == 0:
+            self.ipt = b1 * self.ipt + (1 - b1) * self.window
+            self.unc = b2 * self.unc + (1 - b2) * (self.window - self.ipt).abs()
+            self.window = cur
+        else:
+            self.window = (self.window * local + cur) / (local + 1)
+
+    def score(self) -> float:
+        return 0.0 if self.ipt is None else float((self.ipt * self.unc).mean())
 
 
 @register("aflora")
@@ -85,26 +135,20 @@ class AfLora(Method):
     """LoRA with feature-transformation vectors whose projections freeze progressively (see module docstring)."""
 
     Config = AfLoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
-    summary = "ΔW = diag(u) B diag(d) A; A, B frozen progressively by a smoothed sensitivity score (Liu et al. 2024)"
-    identity_at_init = True
-    merge_atol = 1e-5
+    summary = "ΔW = diag(u) B diag(d) A; A, B frozen progressively by a smoothed |gradient| score (Liu et al. 2024)"
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: AfLoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        view.check_rank(config.rank, "aflora")
-        self.view, self.config, self.rank = view, config, config.rank
-        kw = float_kw(view)
-        r, n_in, n_out = config.rank, view.in_features, view.out_features
-        self.lora_A = nn.Parameter(torch.zeros(r, n_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
-        self.vec_d = nn.Parameter(torch.ones(r, **kw))
-        self.vec_u = nn.Parameter(torch.zeros(n_out, **kw))
-        with torch.no_grad():
-            self.lora_A.uniform_(-1 / math.sqrt(n_in), 1 / math.sqrt(n_in), generator=generator)
-            self.lora_B.uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r), generator=generator)
-        self._sens = {k: Sensitivity(config.beta1, config.beta2) for k in ("A", "B")}
+        view.check_rank(config.rank, self.name)
+        self.rank = r = config.rank
+        kw = view.factory_kwargs
+        self.lora_A = nn.Parameter(uniform_(torch.empty(r, view.in_features, **kw), math.sqrt(6 / view.in_features),
+                                            generator))
+        self.lora_B = nn.Parameter(uniform_(torch.empty(view.out_features, r, **kw), math.sqrt(6 / r), generator))
+        self.vec_d = nn.Parameter(torch.full((r,), 0.1, **kw))
+        self.vec_u = nn.Parameter(torch.zeros(view.out_features, **kw))
+        self._scores = {k: WindowScore(config) for k in ("A", "B")}
 
     @classmethod
     def num_params(cls, view: LayerView, config: AfLoraConfig) -> int:
@@ -115,7 +159,7 @@ class AfLora(Method):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self._factors()
-        return low_rank_forward(self.view, x, base_out, a, b, 1.0, self.config.dropout, self.training)
+        return low_rank_apply(self.view, x, base_out, a, b, 1.0, self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self._factors()
@@ -125,26 +169,28 @@ class AfLora(Method):
         return (("A", self.lora_A), ("B", self.lora_B))
 
     def freezing_score(self, key: str) -> float:
-        p = dict(self.projections())[key]
-        return float(self._sens[key].score(p).mean())
+        return self._scores[key].score()
 
     @classmethod
     def on_step(cls, model: nn.Module, name: str, step: int, optimizers, total_steps=None) -> dict | None:
         cfg = adapter_state(model)[name]["config"]
         total = cfg.total_step if cfg.total_step is not None else total_steps
-        if total is None or cfg.tinit >= total - cfg.tfinal:
-            raise ConfigError(f"adapter '{name}' (aflora): total_step={total} with tinit={cfg.tinit}, tfinal="
-                              f"{cfg.tfinal}; the freezing schedule needs the number of training steps, with room "
-                              "for a freezing phase: rw.adapt(model, 'aflora', total_step=..., ...) or "
-                              "rw.rank_step(..., total_steps=...).")
+        if total is None:
+            raise ConfigError(f"adapter '{name}' (aflora): the freezing schedule needs the number of training "
+                              "steps: rw.adapt(model, 'aflora', total_step=..., ...) or rw.rank_step(..., "
+                              "total_steps=...).")
+        tinit, tfinal = cfg.schedule(total)
         found = adapters_of(model, "aflora", name)
         live = [(lname, ad, key, p) for _, lname, ad in found for key, p in ad.projections() if p.requires_grad]
         if not live:
             return None
+        s = step - 1  # the reference's 0-based step
         for _, ad, key, p in live:
-            ad._sens[key].update(p)
+            ad._scores[key].update(p, s)
+        if s % cfg.delta_t != 0 and step < total - tfinal:
+            return None  # the reference decides at window ends only (and every step of the final phase)
         n_all = 2 * len(found)
-        want = n_all - math.floor(n_all * cubic(step, cfg.tinit, cfg.tfinal, total) + 1e-9)
+        want = n_all - math.floor(n_all * cubic(step, tinit, tfinal, total) + 1e-9)
         todo = want - (n_all - len(live))
         if todo <= 0:
             return None
@@ -156,7 +202,7 @@ class AfLora(Method):
             p.grad = None
             for opt in optimizers:
                 opt.state.pop(p, None)
-            ad._sens[key] = Sensitivity(cfg.beta1, cfg.beta2)
+            ad._scores[key] = WindowScore(cfg)
             frozen.append(f"{lname}.lora_{key}")
         return {"frozen": frozen, "frozen_total": want}
 

@@ -30,56 +30,46 @@ Parameters per layer: ``r (in + out)``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..core.api import adapter_state
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import kaiming_bound, low_rank_apply, normal_, uniform_
 from ..core.registry import register
 from ..errors import ConfigError
 from ._rank_common import adapters_of
-from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
 @dataclass
-class DyLoraConfig(AdapterConfig):
+class DyLoraConfig(RankAlphaConfig):
     """rank: r (the largest rank trained); min_rank: the smallest b sampled; alpha: ΔW_b = (α/b)·B_b A_b
-    (None: α = r); dropout; update: 'last' (only the b-th row/column is trained each step) or 'all';
+    (None: α = r); dropout; rslora: not supported; update: 'last' (only the b-th row/column is trained each step) or 'all';
     eval_rank: the rank used in eval mode and by merge (None: r); seed: for the sampled ranks."""
 
-    rank: int = 8
     min_rank: int = 1
-    alpha: float | None = None
-    dropout: float = 0.0
     update: str = "last"
     eval_rank: int | None = None
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
-        positive_int(self, "min_rank")
+        self._check(not self.rslora, "rslora", "DyLoRA scales each truncation by α/b; rsLoRA is not supported.")
+        self._check_int("min_rank")
         self._check(self.min_rank <= self.rank, "min_rank", f"min_rank must be in [1, rank={self.rank}].")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
         self._check(self.update in ("last", "all"), "update", "use 'last' (the paper's frozen mode) or 'all'.")
         self._check(self.eval_rank is None or (isinstance(self.eval_rank, int) and 1 <= self.eval_rank <= self.rank),
                     "eval_rank", f"eval_rank must be an integer in [1, rank={self.rank}] (or None: the full rank).")
-        positive_int(self, "seed", allow_zero=True)
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank) if self.alpha is None else float(self.alpha)
+        self._check_int("seed", low=0)
 
     def sample(self, step: int) -> int:
         """The rank ``b`` trained at step ``step + 1``: uniform on [min_rank, rank], seeded by (seed, step)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return int(torch.randint(self.min_rank, self.rank + 1, (1,), generator=g))
+        return int(torch.randint(self.min_rank, self.rank + 1, (1,), generator=g, device="cpu"))
 
 
 @register("dylora")
@@ -87,26 +77,19 @@ class DyLora(Method):
     """LoRA trained at a random truncation each step (see module docstring)."""
 
     Config = DyLoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "nested LoRA ranks: a random truncation b ≤ r each step, any b usable after training (Valipour et al. 2022)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: DyLoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        view.check_rank(config.rank, "dylora")
-        self.view, self.config, self.rank = view, config, config.rank
-        kw = float_kw(view)
-        r, n_in, n_out = config.rank, view.in_features, view.out_features
-        self.lora_A = nn.Parameter(torch.zeros(r, n_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
-        with torch.no_grad():
-            if view.kind == "embedding":
-                self.lora_B.normal_(generator=generator)
-            else:
-                bound = 1.0 / math.sqrt(n_in)
-                self.lora_A.uniform_(-bound, bound, generator=generator)
+        view.check_rank(config.rank, self.name)
+        self.rank = r = config.rank
+        self.lora_A = nn.Parameter(torch.zeros(r, view.in_features, **view.factory_kwargs))
+        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **view.factory_kwargs))
+        if view.kind == "embedding":
+            normal_(self.lora_B, 1.0, generator)
+        else:
+            uniform_(self.lora_A, kaiming_bound(view.in_features), generator)
         self.train_rank = config.sample(0)
         self.eval_rank = config.rank if config.eval_rank is None else config.eval_rank
 
@@ -128,8 +111,8 @@ class DyLora(Method):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         b = self.active_rank()
         a, bb = self._factors(b)
-        return low_rank_forward(self.view, x, base_out, a, bb, self.config.lora_alpha / b,
-                                self.config.dropout, self.training)
+        return low_rank_apply(self.view, x, base_out, a, bb, self.config.lora_alpha / b,
+                              self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         b = self.active_rank()

@@ -3,66 +3,90 @@
 Where AdaLoRA starts large and prunes, IncreLoRA starts small and *adds* rank to the modules that
 matter. The update is in the same SVD-like form, one triplet per rank::
 
-    ΔW = s · B diag(λ) A = s · Σ_i λ_i b_i a_iᵀ,     s = α / r₀  (r₀: the initial rank; fixed)
+    ΔW = s · B diag(λ) A = s · Σ_i λ_i b_i a_iᵀ,     s = α / (r + 1e-5)
 
-Importance: every entry of ``A, λ, B`` gets AdaLoRA's smoothed sensitivity ``Ī`` and uncertainty
-``Ū`` (``I = |θ ∇θ|``; see ``_rank_common.Sensitivity``); a module scores the mean of ``Ī ⊙ Ū`` over
-all its entries. Every ``delta_t`` steps after ``tinit`` (and up to ``total_step - tfinal`` when
-``total_step`` is set) :func:`rankwise.rank_step` gives one more rank to each of the ``grow_per_step``
-highest-scoring modules, until the total rank reaches the budget ``target_rank · n_layers`` (a
-module never grows beyond ``min(in, out)``). The same orthogonality regularizer as AdaLoRA keeps
-the new components apart from the old ones (``orth_reg_weight``; :func:`rankwise.rank_regularization`).
+with ``r`` the module's *current* rank (the reference's ``ranknum``; α defaults to the initial rank
+``r₀``, the reference's ``scaling = lora_alpha or r``), so ``s`` shrinks as a module grows: a growth
+rescales the module's existing update by ``r_old / r_new``, exactly as in the reference.
 
-A new triplet starts with ``a, b ~ N(0, init_std²)`` and ``λ = 0``, so growing never changes the
-layer's output; ``λ``'s gradient is non-zero at once, so it starts to train in the next step.
+Importance (reference ``SVDLinear.backward_hook`` and ``RankAllocator.update_ipt``): one scalar per
+module, taken on the incremental matrix itself,
 
-Rank changes and optimizer state: growing resizes ``A`` (a row), ``λ`` and ``B`` (a column) *in
-place* (same Parameter objects) and pads every optimizer state tensor of those parameters with
-zeros (Adam: fresh first and second moments for the new entries, the parameter's shared ``step``
-count kept). One Adam step after a growth is therefore exactly Adam on the grown parameters with
-zero moments for the new entries (tested). The new ranks go into the adapter's per-module
-overrides (``layer_rank``), so ``rw.save``/``rw.load`` rebuild the grown shapes.
+    S = Σ |ΔW ⊙ ∂L/∂ΔW| / √numel(ΔW),   Ī ← β₁ Ī + (1-β₁) S,   Ū ← β₂ Ū + (1-β₂) |S - Ī|,   score Ī·Ū.
 
-Ambiguities and what is left out: the paper's "advance learning" (training the components to be
-added before they are switched on) and "restart warmup" (re-warming the learning rate after each
-allocation) are not implemented — new triplets start from the random init with ``λ = 0``, and the
-learning-rate schedule is the caller's. The module score is the mean (not the sum) of the entry
-scores, so larger modules are not favoured. Importance scores are not saved (as in AdaLoRA).
+The reference forms ``ΔW`` densely in forward so a backward hook sees ``∂L/∂ΔW``; rankwise keeps
+LoRA's cheap forward and gets the same gradient exactly from a hook on the layer's output: for
+``y = base + ΔW x``, ``∂L/∂ΔW = Σ_n g_n x_nᵀ`` (``g = ∂L/∂y``) — one ``out × in`` product per
+backward, the cost of a full weight gradient (convolutions: the layer's own weight-gradient
+operation). It runs only while allocation is open (the reference removes its hook at the budget too),
+and a dropped input is used as dropped. Under gradient accumulation the scores of the micro-batches
+are summed (the reference keeps the last micro-batch's; the exact score of the summed gradient would
+need an ``out × in`` buffer per layer).
+
+Allocation, run by :func:`rankwise.rank_step` after optimizer step ``t``: the EMA is updated every step
+while the total rank is below the budget ``target_rank · n_layers``; when ``t > tinit`` and
+``t % delta_t == 0`` (and up to ``total_step - tfinal`` when a total is known) the ``grow_per_step``
+highest-scoring modules (the reference's ``top_h``) each get ``grow_rank`` more ranks (default
+``target_rank // 2``, the reference's ``rank_dic = {2: 1, 4: 2, 6: 3, 8: 4}``). Deviation: a growth
+never passes the budget or ``min(in, out)`` (the reference may overshoot the target total by up to
+``top_h · (grow_rank - 1)`` ranks). The orthogonality regularizer of AdaLoRA keeps the new
+components apart from the old ones (``orth_reg_weight``; :func:`rankwise.rank_regularization`; the
+reference orthogonalises only within each added chunk, rankwise the whole ``A`` and ``B``).
+
+A new triplet starts with ``a, b ~ N(0, init_std²)`` and ``λ = 0`` (the reference without advance
+learning); ``λ``'s gradient is non-zero at once, so it starts to train in the next step.
+
+Rank changes and optimizer state: growing resizes ``A`` (rows), ``λ`` and ``B`` (columns) *in place*
+(same Parameter objects) and pads every optimizer state tensor of those parameters with zeros
+(Adam: fresh first and second moments for the new entries, the parameter's shared ``step`` count
+kept — the reference adds a new param group, whose Adam bias correction restarts). The new ranks go
+into the adapter's per-module overrides (``layer_rank``), so ``rw.save``/``rw.load`` rebuild the
+grown shapes.
+
+Left out: the paper's "advance learning" (training the reserve components before they are switched
+on) and "restart warmup" (re-warming the learning rate after each allocation); the learning-rate
+schedule is the caller's. Importance scores are not saved (as in AdaLoRA).
 
 Parameters per layer: ``r (in + out + 1)`` with the layer's current rank ``r``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.api import adapter_state
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
+from ..core.ops import low_rank_apply, normal_
 from ..core.registry import register
 from ._rank_common import Triplets, adapters_of, layer_rank_check, record_rank, resize_
-from ._shared_common import positive_int
+
+EPS = 1e-5  # the reference: scaling / (ranknum + 1e-5)
 
 
 @dataclass
-class IncreLoraConfig(AdapterConfig):
+class IncreLoraConfig(RankAlphaConfig):
     """rank: r₀, the initial rank of every module; target_rank: the average final rank (budget =
-    target_rank · n_layers; None: 2·r₀); alpha: s = α/r₀ (None: α = r₀); dropout; delta_t: steps
-    between allocations; grow_per_step: modules that get one more rank per allocation; tinit: steps
-    before the first allocation; total_step / tfinal: no allocation after total_step - tfinal
-    (total_step None: the loop's, rank_step's total_steps, else no end); beta1 / beta2: EMA factors; orth_reg_weight; init_std: std of new
-    a, b; layer_rank: a module's current rank (written by rank allocation, saved per module)."""
+    target_rank · n_layers; None: 2·r₀); alpha: s = α/(r + 1e-5) with r the current rank (None: α = r₀);
+    dropout; rslora: not supported; delta_t: steps between allocations; grow_per_step: modules selected
+    per allocation (the reference's top_h); grow_rank: ranks each selected module gets (None:
+    target_rank // 2, at least 1); tinit: steps before the first allocation; total_step / tfinal: no
+    allocation after total_step - tfinal (total_step None: the loop's, rank_step's total_steps, else no
+    end); beta1 / beta2: EMA factors; orth_reg_weight; init_std: std of new a, b; seed: of the new
+    triplets; layer_rank: a module's current rank (written by rank allocation, saved per module)."""
 
     rank: int = 2
     target_rank: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.0
     delta_t: int = 10
     grow_per_step: int = 1
+    grow_rank: int | None = None
     tinit: int = 0
     tfinal: int = 0
     total_step: int | None = None
@@ -75,18 +99,19 @@ class IncreLoraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
-        positive_int(self, "seed", allow_zero=True)
+        self._check(not self.rslora, "rslora", "IncreLoRA scales by α/(current rank), as its reference; "
+                    "rsLoRA is not supported.")
+        self._check_int("seed", low=0)
         self._check(self.target_rank is None or (isinstance(self.target_rank, int) and self.target_rank >= self.rank),
                     "target_rank", f"target_rank is the average final rank: an integer ≥ rank={self.rank} (or None).")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
-        positive_int(self, "delta_t")
-        positive_int(self, "grow_per_step")
-        positive_int(self, "tinit", allow_zero=True)
-        positive_int(self, "tfinal", allow_zero=True)
+        for f in ("delta_t", "grow_per_step"):
+            self._check_int(f)
+        if self.grow_rank is not None:
+            self._check_int("grow_rank")
+        self._check_int("tinit", low=0)
+        self._check_int("tfinal", low=0)
         if self.total_step is not None:
-            positive_int(self, "total_step")
+            self._check_int("total_step")
             self._check(self.tinit < self.total_step - self.tfinal, "total_step",
                         f"tinit={self.tinit} + tfinal={self.tfinal} leave no allocation phase in total_step="
                         f"{self.total_step}; lower them or raise total_step.")
@@ -97,12 +122,13 @@ class IncreLoraConfig(AdapterConfig):
         layer_rank_check(self)
 
     @property
-    def scale(self) -> float:
-        return (float(self.rank) if self.alpha is None else float(self.alpha)) / self.rank
-
-    @property
     def final_rank(self) -> int:
         return 2 * self.rank if self.target_rank is None else self.target_rank
+
+    @property
+    def ranks_per_growth(self) -> int:
+        """Ranks a selected module gets per allocation (the reference's ``incre_rank_num``)."""
+        return max(1, self.final_rank // 2) if self.grow_rank is None else self.grow_rank
 
 
 @register("increlora")
@@ -110,29 +136,66 @@ class IncreLora(Triplets):
     """SVD-like low-rank update that grows where importance is high (see module docstring)."""
 
     Config = IncreLoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d")
-    summary = "ΔW = s·B diag(λ) A, rank added every k steps to the most important modules under a budget (Zhang et al. 2023)"
-    identity_at_init = True
-    merge_atol = 1e-5
-    default_lr = 3e-3
+    summary = "ΔW = α/r·B diag(λ) A, ranks added every k steps to the modules with the top ΔW importance (Zhang et al. 2023)"
 
     def __init__(self, view: LayerView, config: IncreLoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        view.check_rank(config.rank, "increlora")
-        self._init_triplets(view, config, config.init_std, generator)
+        view.check_rank(config.rank, self.name)
+        self._init_triplets(config.init_std, generator)
+        self.tracking = True  # compute the ΔW score in backward (while allocation is open)
+        self._score = None  # Σ|ΔW ⊙ ∂L/∂ΔW|/√numel of the backward passes since the last rank_step
+        self.ipt = self.unc = 0.0  # the EMAs Ī, Ū of the module score
+
+    @property
+    def scale(self) -> float:
+        return self.config.lora_alpha / (self.rank + EPS)
 
     @property
     def max_rank(self) -> int:
         return min(self.view.in_features, self.view.out_features)
 
+    # ---- importance ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:
+            return base_out
+        track = self.tracking and self.training and torch.is_grad_enabled()
+        p = self.config.dropout
+        if track and p > 0:  # the score needs the input as the update saw it
+            x, p = F.dropout(x, p, training=True), 0.0
+        out = low_rank_apply(self.view, x, base_out, self.lora_A, self.lora_B * self.lora_E.view(1, -1),
+                             self.scale, p, self.training)
+        if track and out.requires_grad:
+            out.register_hook(functools.partial(self._score_hook, x.detach()))
+        return out
+
+    @torch.no_grad()
+    def _score_hook(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add ``Σ |ΔW ⊙ ∂L/∂ΔW| / √numel`` of this backward, ``∂L/∂ΔW = Σ_n g_n x_nᵀ`` (exact)."""
+        dw = self.delta2d().float()
+        if self.view.is_linear:
+            grad = g.reshape(-1, dw.shape[0]).float().t() @ x.reshape(-1, dw.shape[1]).float()
+        else:  # the layer's own operation's weight gradient
+            with torch.enable_grad():
+                w = torch.zeros_like(dw, requires_grad=True)
+                (grad,) = torch.autograd.grad(self.view.apply_in(x.float(), w), w, g.float())
+        s = (dw * grad).abs().sum() / math.sqrt(dw.numel())
+        self._score = s if self._score is None else self._score + s
+
+    def update_importance(self) -> None:
+        """Fold the step's score into ``Ī`` and ``Ū`` (the reference's ``update_ipt``)."""
+        s = 0.0 if self._score is None else float(self._score)
+        b1, b2 = self.config.beta1, self.config.beta2
+        self.ipt = b1 * self.ipt + (1 - b1) * s
+        self.unc = b2 * self.unc + (1 - b2) * abs(s - self.ipt)
+        self._score = None
+
+    def importance(self) -> float:
+        """``Ī · Ū`` of the module score."""
+        return self.ipt * self.unc
+
     # ---- allocation ------------------------------------------------------------------------------
     def _params(self):
         return (("A", self.lora_A, 0), ("E", self.lora_E, 0), ("B", self.lora_B, 1))
-
-    def importance(self) -> float:
-        """Mean of ``Ī ⊙ Ū`` over every entry of ``A, λ, B``."""
-        total = sum(float(self._sens[k].score(p).sum()) for k, p, _ in self._params())
-        return total / sum(p.numel() for _, p, _ in self._params())
 
     @torch.no_grad()
     def grow_(self, extra: int, optimizers=(), generator=None) -> int:
@@ -140,14 +203,12 @@ class IncreLora(Triplets):
         std, p0 = self.config.init_std, self.lora_A
         g = generator if generator is not None else torch.Generator().manual_seed(
             self.config.seed * 1_000_003 + zlib.crc32(f"{self.view.name}/{self.rank}".encode()))
-        new = {
-            "A": torch.randn(extra, p0.shape[1], generator=g, dtype=p0.dtype).mul_(std).to(p0.device),
-            "E": torch.zeros(extra, 1, dtype=p0.dtype, device=p0.device),
-            "B": torch.randn(self.lora_B.shape[0], extra, generator=g, dtype=p0.dtype).mul_(std).to(p0.device),
-        }
+        kw = {"dtype": p0.dtype, "device": p0.device}
+        new = {"A": normal_(torch.empty(extra, p0.shape[1], **kw), std, g),
+               "E": torch.zeros(extra, 1, **kw),
+               "B": normal_(torch.empty(self.lora_B.shape[0], extra, **kw), std, g)}
         for key, p, dim in self._params():
             resize_(p, dim, optimizers, new=new[key])
-            self._sens[key].resize(dim, extra=extra)
         return self.rank
 
     @classmethod
@@ -157,34 +218,26 @@ class IncreLora(Triplets):
         budget = cfg.final_rank * len(found)
         total = sum(ad.rank for _, _, ad in found)
         end = cfg.total_step if cfg.total_step is not None else total_steps
-        open_ = end is None or step <= end - cfg.tfinal
-        if total >= budget or not open_:
+        if total >= budget or not (end is None or step <= end - cfg.tfinal):
+            for _, _, ad in found:
+                ad.tracking, ad._score = False, None
             return None
         for _, _, ad in found:
-            for key, p, _ in ad._params():
-                ad._sens[key].update(p)
+            ad.update_importance()
         if step <= cfg.tinit or step % cfg.delta_t != 0:
             return None
         scores = [(ad.importance(), i) for i, (_, _, ad) in enumerate(found) if ad.rank < ad.max_rank]
         scores.sort(key=lambda t: (-t[0], t[1]))
-        grown = {}
-        for _, i in scores[: min(cfg.grow_per_step, budget - total)]:
+        grown, left = {}, budget - total
+        for _, i in scores[: cfg.grow_per_step]:
             _, lname, ad = found[i]
-            grown[lname] = ad.grow_(1, optimizers)
+            extra = min(cfg.ranks_per_growth, ad.max_rank - ad.rank, left)
+            if extra <= 0:
+                break
+            grown[lname] = ad.grow_(extra, optimizers)
+            left -= extra
             record_rank(model, name, lname, ad, layer_rank=ad.rank)
-        return {"budget": budget, "total_rank": total + len(grown), "grown": grown} if grown else None
-
-    @classmethod
-    def rank_regularization(cls, model: nn.Module, name: str) -> torch.Tensor | None:
-        cfg = adapter_state(model)[name]["config"]
-        found = adapters_of(model, "increlora", name)
-        if cfg.orth_reg_weight == 0 or not any(ad.lora_A.requires_grad for _, _, ad in found):
-            return None
-        terms = []
-        for _, _, ad in found:
-            for cov in (ad.lora_A @ ad.lora_A.T, ad.lora_B.T @ ad.lora_B):
-                terms.append(torch.norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device), p="fro"))
-        return cfg.orth_reg_weight * (torch.stack(terms).sum() / len(terms))
+        return {"budget": budget, "total_rank": budget - left, "grown": grown} if grown else None
 
 
 def ranks(model: nn.Module, name: str | None = None) -> dict[str, int]:
