@@ -1,6 +1,6 @@
 """Pieces shared by the structured adapters (``fourierft``, ``circular``, ``kron``, ``hra``, ``bone``,
-``hira``): parameter dtype, seeded uniform init, block-size clamping, the dense fallback used
-where a method must form ``ΔW``, and the checks that a layer fits PEFT's version of a method."""
+``hira``): block-size clamping, the dense path used where a method forms ``ΔW``, the dtype of FFTs and solves,
+and the checks that a layer fits PEFT's version of a method."""
 
 from __future__ import annotations
 
@@ -10,23 +10,6 @@ import torch
 
 from ..core.layers import LayerView
 from ..errors import ConfigError, ShapeMismatchError
-
-
-def param_dtype(view: LayerView) -> torch.dtype:
-    """Adapter parameters follow a floating base weight's dtype (float32 otherwise)."""
-    w = view.weight
-    return w.dtype if w.is_floating_point() else torch.float32
-
-
-def uniform_(t: torch.Tensor, bound: float, generator=None) -> torch.Tensor:
-    """``U(-bound, bound)`` in place from ``generator``; ``kaiming_uniform_(a=√5)`` on a tensor with
-    fan-in ``f`` (PyTorch's Linear default, PEFT's adapters) is ``bound = 1/√f``."""
-    with torch.no_grad():
-        return t.uniform_(-bound, bound, generator=generator)
-
-
-def kaiming_bound(fan_in: int) -> float:
-    return 1.0 / math.sqrt(max(fan_in, 1))
 
 
 def largest_divisor(n: int, cap: int) -> int:
@@ -58,9 +41,9 @@ def dense_forward(view: LayerView, x, base_out, delta2d: torch.Tensor, x_adapter
     return base_out + out.to(base_out.dtype)
 
 
-def fft_dtype(t: torch.Tensor) -> torch.dtype:
-    """FFTs run in float32 for half-precision inputs (no CPU half FFT), else in the input's dtype."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+def wide_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for a half-precision ``t`` (CPU has no half FFT, triangular solve or QR), else ``t``'s dtype."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 # ---- PEFT compatibility checks -----------------------------------------------------------------

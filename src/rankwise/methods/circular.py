@@ -39,17 +39,15 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
-from ..core.ops import autocast_on
+from ..core.ops import autocast_on, normal_, uniform_
 from ..core.registry import register
 from ..errors import ConfigError
 from ._structured_common import (
     check_peft_shape,
     dense_forward,
-    fft_dtype,
     largest_divisor,
-    param_dtype,
     require_peft_kinds,
-    uniform_,
+    wide_dtype,
 )
 
 INITS = ("xavier_uniform", "kaiming_uniform", "gaussian", "zeros")
@@ -68,8 +66,7 @@ class CircularConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool)
-                    and self.block_size > 0, "block_size", "block_size must be a positive integer.")
+        self._check_int("block_size")
         self._check(self.init in INITS, "init", f"use one of {', '.join(INITS)}.")
         self._check(self.path in ("auto", "fft", "dense"), "path", "use 'auto', 'fft' or 'dense'.")
 
@@ -115,32 +112,27 @@ class Circular(Method):
     """Block-circulant update applied by FFT (see module docstring)."""
 
     Config = CircularConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW block-circulant (b×b circulant blocks), applied by FFT as a circular convolution (C3A, Chen et al. 2024)"
     identity_at_init = False  # xavier_uniform kernels (PEFT's default); init='zeros' is an exact no-op
-    merge_atol = 1e-5
     default_lr = 5e-2  # kernels enter ΔW scaled by 1/n: PEFT recommends ~1e-1; 5e-2 measured stable on MiniLM
     demo_options = {"block_size": 128}
 
     def __init__(self, view: LayerView, config: CircularConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
         m, n = view.out_features, view.in_features
         self.block = b = block_of(view, config)
-        self.c3a_kernel = nn.Parameter(torch.zeros(m // b, n // b, b, dtype=param_dtype(view)))
-        with torch.no_grad():
-            if config.init == "xavier_uniform":
-                uniform_(self.c3a_kernel, math.sqrt(3.0) * math.sqrt(2.0 / (n + m)), generator)
-            elif config.init == "kaiming_uniform":
-                uniform_(self.c3a_kernel, math.sqrt(1.0 / n), generator)
-            elif config.init == "gaussian":
-                self.c3a_kernel.normal_(generator=generator)
+        self.c3a_kernel = nn.Parameter(torch.zeros(m // b, n // b, b, **view.factory_kwargs))
+        if config.init == "xavier_uniform":
+            uniform_(self.c3a_kernel, math.sqrt(3.0) * math.sqrt(2.0 / (n + m)), generator)
+        elif config.init == "kaiming_uniform":
+            uniform_(self.c3a_kernel, math.sqrt(1.0 / n), generator)
+        elif config.init == "gaussian":
+            normal_(self.c3a_kernel, 1.0, generator)
         # [t, s] -> (s - t) mod b: the circulant pattern of one block
-        ar = torch.arange(b)
+        ar = torch.arange(b, device=view.weight.device)
         self.register_buffer("_circ", (ar[None, :] - ar[:, None]) % b, persistent=False)
-        linear = view.kind in ("linear", "hf_conv1d")
         fft = config.path == "fft" or (config.path == "auto" and m * n >= FFT_FROM * (m + n))
-        self.use_fft = linear and fft
+        self.use_fft = view.is_linear and fft
         self.computes_base = view.kind != "embedding" and not self.use_fft
 
     @classmethod
@@ -157,7 +149,7 @@ class Circular(Method):
         kind, w = self.view.kind, self.c3a_kernel
         n = self.view.in_features
         if self.use_fft:
-            dt = fft_dtype(w)
+            dt = wide_dtype(w)
             x2d = x.reshape(-1, n)
             if x2d.dtype != dt or autocast_on(x.device.type):
                 x2d = x2d.to(dt)

@@ -38,15 +38,10 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import normal_
 from ..core.registry import register
 from ..errors import ConfigError
-from ._structured_common import (
-    check_peft_shape,
-    dense_forward,
-    fft_dtype,
-    param_dtype,
-    require_peft_kinds,
-)
+from ._structured_common import check_peft_shape, dense_forward, require_peft_kinds, wide_dtype
 
 
 @dataclass
@@ -61,8 +56,7 @@ class FourierFTConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.n_frequency, int) and not isinstance(self.n_frequency, bool)
-                    and self.n_frequency > 0, "n_frequency", "n_frequency must be a positive integer.")
+        self._check_int("n_frequency")
         self._check(isinstance(self.scaling, (int, float)) and math.isfinite(self.scaling) and self.scaling != 0,
                     "scaling", "scaling must be a finite non-zero number (the paper uses 100-300).")
         self._check(isinstance(self.random_loc_seed, int) and not isinstance(self.random_loc_seed, bool)
@@ -98,24 +92,21 @@ class FourierFT(Method):
     """Sparse spectral update ``α·Re(IDFT2(F))`` (see module docstring)."""
 
     Config = FourierFTConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = α·Re(IDFT2(F)), F sparse: K trained coefficients at fixed random frequencies (Gao et al. 2024)"
     identity_at_init = False  # c ~ N(0, 1) as in the paper; init='zeros' starts at ΔW = 0
-    merge_atol = 1e-5
     default_lr = 2e-2  # measured on MiniLM (one-batch memorization): as fast as LoRA at 3e-3, stable
     demo_options = {"n_frequency": 1000, "scaling": 150.0}
 
     def __init__(self, view: LayerView, config: FourierFTConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
         m, n = view.out_features, view.in_features
         self.n_frequency = k = min(config.n_frequency, m * n)
         self.scaling = float(config.scaling)
-        self.spectrum = nn.Parameter(torch.zeros(k, dtype=param_dtype(view)))
+        self.spectrum = nn.Parameter(torch.zeros(k, **view.factory_kwargs))
         if config.init == "gaussian":
-            with torch.no_grad():
-                self.spectrum.normal_(generator=generator)
-        rows, cols = entries(m, n, k, config.random_loc_seed)
+            normal_(self.spectrum, 1.0, generator)
+        # entries drawn on the CPU from the seed (PEFT's rule: the same entries on every device), then moved
+        rows, cols = (t.to(view.weight.device) for t in entries(m, n, k, config.random_loc_seed))
         self.register_buffer("indices", torch.stack([rows, cols]), persistent=False)
         self.computes_base = view.kind != "embedding"
         if view.kind == "embedding":
@@ -131,7 +122,7 @@ class FourierFT(Method):
     def _delta2d(self) -> torch.Tensor:
         m, n = self.view.out_features, self.view.in_features
         c = self.spectrum
-        dense = torch.zeros(m, n, dtype=fft_dtype(c), device=c.device)
+        dense = torch.zeros(m, n, dtype=wide_dtype(c), device=c.device)
         dense = dense.index_put((self.indices[0], self.indices[1]), c.to(dense.dtype))
         return (torch.fft.ifft2(dense).real * self.scaling).to(c.dtype)
 
@@ -144,7 +135,7 @@ class FourierFT(Method):
         """Columns ``q`` of ΔW from ``K`` phases per token and one inverse FFT over ``m``."""
         m, n = self.view.out_features, self.view.in_features
         c = self.spectrum
-        dt = fft_dtype(c)
+        dt = wide_dtype(c)
         q = ids.reshape(-1)
         # Xh[sh] of a one-hot input: exp(-2πi·sh·q/n); the product is reduced mod n in integers (exact)
         theta = ((self._src[:, None] * q[None, :]) % n).to(dt) * (2 * math.pi / n)  # K × N

@@ -31,17 +31,10 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import kaiming_bound, normal_, uniform_
 from ..core.registry import register
 from ..errors import ConfigError
-from ._structured_common import (
-    check_peft_shape,
-    dense_forward,
-    kaiming_bound,
-    no_patterns,
-    param_dtype,
-    require_plain_conv,
-    uniform_,
-)
+from ._structured_common import check_peft_shape, dense_forward, no_patterns, require_plain_conv
 
 
 @dataclass
@@ -54,8 +47,7 @@ class HiraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
+        self._check_int("rank")
         self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
         self._check(self.init in ("kaiming", "gaussian"), "init", "use 'kaiming' or 'gaussian'.")
 
@@ -65,30 +57,24 @@ class Hira(Method):
     """Hadamard update ``W0 ⊙ (B A)`` (see module docstring)."""
 
     Config = HiraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = W0 ⊙ (BA): low-rank BA modulates W0 entrywise, a high-rank update (Huang et al. 2025)"
-    identity_at_init = True
     reads_base = True
     computes_base = True
-    merge_atol = 1e-5
     default_lr = 1e-2  # measured on MiniLM (one-batch memorization): 3e-3 slow
     demo_options = {"rank": 8}
 
     def __init__(self, view: LayerView, config: HiraConfig, generator=None, calibration=None):
         super().__init__(view, config)
         view.check_rank(config.rank, "hira")
-        self.view, self.config, self.rank = view, config, config.rank
-        r, n_in, n_out = config.rank, view.in_features, view.out_features
-        kw = {"dtype": param_dtype(view)}
-        self.hira_A = nn.Parameter(torch.zeros(r, n_in, **kw))
-        self.hira_B = nn.Parameter(torch.zeros(n_out, r, **kw))
-        with torch.no_grad():
-            if view.kind == "embedding":
-                self.hira_B.normal_(generator=generator)
-            elif config.init == "gaussian":
-                self.hira_A.normal_(0.0, 1.0 / r, generator=generator)
-            else:
-                uniform_(self.hira_A, kaiming_bound(n_in), generator)
+        self.rank = r = config.rank
+        self.hira_A = nn.Parameter(torch.zeros(r, view.in_features, **view.factory_kwargs))
+        self.hira_B = nn.Parameter(torch.zeros(view.out_features, r, **view.factory_kwargs))
+        if view.kind == "embedding":
+            normal_(self.hira_B, 1.0, generator)
+        elif config.init == "gaussian":
+            normal_(self.hira_A, 1.0 / r, generator)
+        else:
+            uniform_(self.hira_A, kaiming_bound(view.in_features), generator)
 
     @classmethod
     def num_params(cls, view: LayerView, config: HiraConfig) -> int:

@@ -29,11 +29,21 @@ reflections cancel, so ``H = I`` up to rounding (about 1e-7 relative: ``identity
 claimed bit-exactly); ``random``: all columns ``U(±1/√r)``. Embeddings are not supported: the
 reflections would act on the vocabulary axis (mixing different tokens' embeddings).
 
+Precision: the ``r × r`` triangular solve (or QR) and ``W0 U`` run in float32 when the adapter is
+half precision, and outside autocast (CPU has no half-precision solve or QR); the two thin factors
+then return to the adapter's dtype, so a bfloat16 layer trains in bfloat16 like LoRA.
+
+Reference: the authors' NLU code (DaShenZi721/HRA, ``nlu/adapterlib/layers.py``, ``HRALinear``) and
+PEFT's ``hra`` — the same ``W0 · H`` and init; the PEFT oracle test checks outputs and gradients.
+The authors' LLaMA code (``llama/peft/oft/layer.py``) differs and is not followed: it reflects the
+output side, normalizes ``u/√(‖u‖² + 6e-5)`` and draws ``u`` with ``kaiming_uniform(a=1/eps)``.
+
 Parameters per layer: ``r · in`` (``in = in_channels·k`` for convolutions).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -42,16 +52,10 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
-from ..core.ops import LowRankLinear, autocast_on, lowrank_branch
+from ..core.ops import autocast_on, kaiming_bound, low_rank_apply, uniform_
 from ..core.registry import register
 from ..errors import ConfigError
-from ._structured_common import (
-    check_peft_shape,
-    kaiming_bound,
-    param_dtype,
-    require_peft_kinds,
-    require_plain_conv,
-)
+from ._structured_common import check_peft_shape, require_peft_kinds, require_plain_conv, wide_dtype
 
 
 @dataclass
@@ -67,8 +71,7 @@ class HraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
+        self._check_int("rank")
         self._check(self.init in ("symmetric", "random"), "init", "use 'symmetric' or 'random'.")
         self._check(self.init != "symmetric" or self.rank % 2 == 0, "rank",
                     "init='symmetric' pairs up equal reflections, so rank must be even; use an even rank or "
@@ -85,7 +88,6 @@ class Hra(Method):
     summary = "W = W0·Π(I − 2uuᵀ/‖u‖²), r Householder reflections as a rank-r WY update (Yuan et al. 2024)"
     identity_at_init = False  # H = I only up to rounding (symmetric init), see the module docstring
     reads_base = True
-    merge_atol = 1e-5
     default_lr = 1e-2  # measured on MiniLM (one-batch memorization): 3e-3 slow
     demo_options = {"rank": 8}
 
@@ -97,48 +99,39 @@ class Hra(Method):
                 f"hra rank={config.rank} is larger than module '{view.name}' allows: its weight is "
                 f"{view.out_features}x{n}, and more than {n} reflections of R^{n} add nothing. Lower rank."
             )
-        self.view, self.config, self.rank = view, config, config.rank
-        r = config.rank
-        u = torch.empty(n, r, dtype=param_dtype(view))
-        with torch.no_grad():
-            if config.init == "symmetric":
-                half = torch.empty(n, r // 2, dtype=u.dtype).uniform_(-kaiming_bound(r // 2), kaiming_bound(r // 2),
-                                                                      generator=generator)
-                u = torch.repeat_interleave(half, 2, dim=1)
-            else:
-                u.uniform_(-kaiming_bound(r), kaiming_bound(r), generator=generator)
+        self.rank = r = config.rank
+        if config.init == "symmetric":  # pairs of equal columns: each pair's reflections cancel
+            half = uniform_(torch.empty(n, r // 2, **view.factory_kwargs), kaiming_bound(r // 2), generator)
+            u = torch.repeat_interleave(half, 2, dim=1)
+        else:
+            u = uniform_(torch.empty(n, r, **view.factory_kwargs), kaiming_bound(r), generator)
         self.hra_u = nn.Parameter(u)
 
     @classmethod
     def num_params(cls, view: LayerView, config: HraConfig) -> int:
         return config.rank * view.in_features
 
-    def wy(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Y, A)`` with ``H = I − Y A``: ``A = T Uᵀ`` (WY form) or ``2 Qᵀ`` (Gram–Schmidt)."""
-        u = self.hra_u
-        if self.config.apply_gs:
-            q = torch.linalg.qr(u).Q
-            return q, 2 * q.t()
-        g = u.t() @ u
-        t_inv = torch.triu(g, 1) + torch.diag_embed(0.5 * torch.diagonal(g))
-        return u, torch.linalg.solve_triangular(t_inv, u.t(), upper=True)
-
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ΔW = B A`` with ``A = T Uᵀ (r × in)`` and ``B = −W0 U (out × r)``."""
-        y, a = self.wy()
-        w0 = self.view.weight2d()
-        return a, -(w0.to(y.dtype) @ y)
+        """``ΔW = B A``: ``A = T Uᵀ`` and ``B = −W0 U`` (WY form), or ``A = 2 Qᵀ``, ``B = −W0 Q``
+        (Gram–Schmidt). The ``r × r`` solve or QR and ``W0 U`` run in at least float32, outside
+        autocast (CPU has no half-precision solve or QR); the factors return in the adapter's dtype."""
+        u = self.hra_u
+        device = u.device.type
+        with torch.autocast(device, enabled=False) if autocast_on(device) else contextlib.nullcontext():
+            u = u.to(wide_dtype(u))
+            if self.config.apply_gs:
+                u = torch.linalg.qr(u).Q
+                a = 2 * u.t()
+            else:
+                g = u.t() @ u
+                t_inv = torch.triu(g, 1) + torch.diag_embed(0.5 * torch.diagonal(g))
+                a = torch.linalg.solve_triangular(t_inv, u.t(), upper=True)
+            b = -(self.view.weight2d().to(u.dtype) @ u)
+        return a.to(self.hra_u.dtype), b.to(self.hra_u.dtype)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self._factors()
-        if (self.view.kind in ("linear", "hf_conv1d") and x.dtype == a.dtype == base_out.dtype
-                and not autocast_on(x.device.type)):
-            if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or base_out.requires_grad):
-                return LowRankLinear.apply(x, base_out, a, b, 1.0, None, 1.0)
-            return lowrank_branch(x, base_out, a, b, 1.0)
-        if x.is_floating_point() and x.dtype != a.dtype:
-            x = x.to(a.dtype)
-        return base_out + self.view.apply_out(self.view.apply_in(x, a), b).to(base_out.dtype)
+        return low_rank_apply(self.view, x, base_out, a, b)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self._factors()

@@ -16,9 +16,14 @@ low-rank, ``w2 = w2_a w2_b`` (``b×r``, ``r×dk``), when ``r < max(b, d)/2``; wi
 Activation view (never forms the Kronecker product): with ``x`` reshaped to ``X ∈ R^{c×d}``,
 ``(w1 ⊗ w2) vec(X) = vec(w1 X w2ᵀ)`` — two small matmuls, ``N·c·b·(d + a)`` flops instead of
 ``N·a·b·c·d``. Linear layers run it in one autograd function that keeps only the layer input (the
-``c×b`` intermediate is recomputed in backward). Convolutions apply ``w2`` as a convolution with
+``c×b`` intermediate is recomputed in backward); under autocast or with mixed dtypes the same two
+products run as plain (autocast-aware) ops instead. Convolutions apply ``w2`` as a convolution with
 ``b`` output channels to each of the ``c`` input-channel groups and mix the groups with ``w1``;
 embeddings look up ``w1[:, q // d] ⊗ w2[:, q % d]`` per token.
+
+Reference: PEFT's ``lokr`` (the LyCORIS rules; the PEFT oracle test checks outputs and gradients).
+Not offered: PEFT's ``rank_dropout`` / ``module_dropout`` and the Tucker core of
+``use_effective_conv2d`` (import refuses adapters that use them).
 
 Parameters per layer: ``|w1| + |w2|`` with ``|w1| = a·c`` or ``r(a + c)``, ``|w2| = b·dk`` or ``r(b + dk)``.
 """
@@ -33,18 +38,10 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
-from ..core.ops import autocast_on
+from ..core.ops import autocast_on, kaiming_bound, uniform_
 from ..core.registry import register
 from ..errors import ConfigError
-from ._structured_common import (
-    check_peft_shape,
-    kaiming_bound,
-    no_patterns,
-    param_dtype,
-    require_peft_kinds,
-    require_plain_conv,
-    uniform_,
-)
+from ._structured_common import check_peft_shape, no_patterns, require_peft_kinds, require_plain_conv
 
 
 @dataclass
@@ -61,8 +58,7 @@ class KronConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
+        self._check_int("rank")
         self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
         self._check(isinstance(self.decompose_factor, int) and (self.decompose_factor == -1 or self.decompose_factor > 0),
                     "decompose_factor", "use -1 (factors near the square root) or a positive factor.")
@@ -156,21 +152,17 @@ class Kron(Method):
     """Kronecker update ``s · w1 ⊗ w2`` (see module docstring)."""
 
     Config = KronConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = s·w1 ⊗ w2, w2 (and w1) optionally low-rank; reshape-matmul, never the Kronecker product (LoKr)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 1e-2  # measured on MiniLM (one-batch memorization): 3e-3 slow, 3e-2 unstable
     demo_options = {"rank": 8}
 
     def __init__(self, view: LayerView, config: KronConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
         self.rank, self.scale = config.rank, config.scale
         (a, b), (c, d), k, use_w1, use_w2 = layout(view, config)
         self.shape = (a, b, c, d, k)
         r, dk = config.rank, d * k
-        kw = {"dtype": param_dtype(view)}
+        kw = view.factory_kwargs
         lycoris = config.init == "lycoris"
         if use_w1:
             self.lokr_w1 = nn.Parameter(torch.zeros(a, c, **kw))
@@ -209,15 +201,13 @@ class Kron(Method):
         w1, w2 = self.factors()
         a, b, c, d, k = self.shape
         kind = self.view.kind
-        if kind in ("linear", "hf_conv1d"):
+        if self.view.is_linear:
             x2d = x.reshape(-1, c * d)
-            if x2d.dtype != w1.dtype or autocast_on(x.device.type):
-                x2d = x2d.to(w1.dtype)
-            base2d = base_out.reshape(-1, a * b)
-            if base2d.dtype == w1.dtype:
-                return _KronLinear.apply(x2d, base2d, w1, w2, self.scale).view(base_out.shape)
-            return base_out + _KronLinear.apply(x2d, torch.zeros_like(base2d, dtype=w1.dtype), w1, w2,
-                                                self.scale).view(base_out.shape).to(base_out.dtype)
+            if x2d.dtype == w1.dtype == base_out.dtype and not autocast_on(x.device.type):
+                return _KronLinear.apply(x2d, base_out.reshape(-1, a * b), w1, w2, self.scale).view(base_out.shape)
+            # mixed dtypes or autocast: the same two products by plain ops, which autocast and promote
+            y = torch.matmul(w1, torch.matmul(x2d.to(w2.dtype).view(-1, c, d), w2.t()))  # N × a × b
+            return base_out + (y.reshape(base_out.shape) * self.scale).to(base_out.dtype)
         if kind == "embedding":
             q = x.reshape(-1)
             y = w1.t()[q // d].unsqueeze(2) * w2.t()[q % d].unsqueeze(1)  # N × a × b
