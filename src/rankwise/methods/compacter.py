@@ -17,9 +17,16 @@ The rules ``A_i`` (an ``n × n × n`` tensor) are one parameter shared by all la
 (the engine's ``shared`` hook): the optimizer steps it once with the gradients of every layer, and
 ``rw.save`` stores it once.
 
-Init: ``A_i ~ N(0, 1/n)`` (keeps ``Σ_i A_i ⊗ ·`` norm-preserving on average), ``T_i`` uniform
-``±1/√q``, ``S_i = 0`` — so the adapted model equals the base at init and the first step trains
-the ``S_i`` (LoRA's ``B = 0`` pattern; the paper's adapters start near identity the same way).
+Init (a rankwise choice, stated): ``A_i ~ N(0, 1/n)`` (keeps ``Σ_i A_i ⊗ ·`` norm-preserving on
+average), ``T_i`` uniform ``±1/√q``, ``S_i = 0`` — so the adapted model equals the base at init and
+the first step trains the ``S_i`` (LoRA's ``B = 0`` pattern). The authors' code
+(github.com/rabeehk/compacter, ``configs/compacter.json``: ``phm_c_init normal``,
+``hypercomplex_nonlinearity glorot-uniform``) draws the shared rule ``~ N(0, 0.01²)`` and both fast
+factors glorot-uniform (gain √2), which is not zero at init; their adapter is a bottleneck whose
+output is added to the hidden state, not a ``ΔW``. Here one fast factor must start at zero, and
+with a ``0.01``-std rule every step on ``S_i`` would move ``ΔW`` ``1/(0.01 √n)`` = 50× (``n = 4``)
+less than with the ``N(0, 1/n)`` rule — so the rule's scale is ours, chosen so that
+``default_lr`` (LoRA's range) trains it.
 
 Activation view (linear / HF Conv1D), the Kronecker structure used as such: with ``x`` seen as
 ``X ∈ R^{n×q}``, ``(A ⊗ S Tᵀ) x = vec(A X T Sᵀ)``, so
@@ -36,7 +43,6 @@ Parameters, as ``num_params`` counts them for a model with this one layer: ``n³
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +52,8 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import autocast_on, kaiming_bound, low_rank_apply, normal_, uniform_
 from ..core.registry import register
-from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
 @dataclass
@@ -62,8 +68,8 @@ class CompacterConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "phm_dim")
-        positive_int(self, "phm_rank")
+        self._check_int("phm_dim")
+        self._check_int("phm_rank")
 
 
 def _sizes(view: LayerView, config: CompacterConfig) -> tuple[int, int, int, int]:
@@ -76,9 +82,9 @@ def _sizes(view: LayerView, config: CompacterConfig) -> tuple[int, int, int, int
 class PhmRules(nn.Module):
     """The shared rules ``A_i``: one ``n × n × n`` parameter (``A[i]`` is the i-th ``n × n`` rule)."""
 
-    def __init__(self, n: int, generator=None, dtype=torch.float32):
+    def __init__(self, n: int, view: LayerView, generator=None):
         super().__init__()
-        self.phm_rule = nn.Parameter(torch.randn(n, n, n, generator=generator, dtype=dtype) / math.sqrt(n))
+        self.phm_rule = nn.Parameter(normal_(torch.empty(n, n, n, **view.factory_kwargs), n ** -0.5, generator))
 
 
 @register("compacter")
@@ -86,27 +92,22 @@ class Compacter(Method):
     """``Σ_i A_i ⊗ S_i T_iᵀ`` with the rules ``A_i`` shared by all layers (see module docstring)."""
 
     Config = CompacterConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = Σ_i A_i ⊗ (S_i T_iᵀ): shared n×n rules, low-rank fast factors (Karimi Mahabadi et al. 2021)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     @classmethod
     def shared(cls, views: list[LayerView], config: CompacterConfig, generator=None) -> PhmRules:
-        return PhmRules(config.phm_dim, generator, **float_kw(views[0]))
+        return PhmRules(config.phm_dim, views[0], generator)
 
     def __init__(self, view: LayerView, config: CompacterConfig, generator=None, calibration=None, shared=None):
         super().__init__(view, config)
         if shared is None:  # built outside rw.adapt: rules of its own
             shared = self.shared([view], config, generator)
-        self.view, self.config = view, config
         n, p, q, r = _sizes(view, config)
         self.n, self.p, self.q, self.rank = n, p, q, r
         self.rules = shared  # registered here too: one object, counted once by the model
-        kw = float_kw(view)
-        bound = 1.0 / math.sqrt(q)
-        self.compacter_T = nn.Parameter(torch.empty(n, q, r, **kw).uniform_(-bound, bound, generator=generator))
+        kw = view.factory_kwargs
+        self.compacter_T = nn.Parameter(uniform_(torch.empty(n, q, r, **kw), kaiming_bound(q), generator))
         self.compacter_S = nn.Parameter(torch.zeros(n, p, r, **kw))
 
     @classmethod
@@ -118,9 +119,9 @@ class Compacter(Method):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         v = self.view
         a, s, t = self.rules.phm_rule, self.compacter_S, self.compacter_T
-        if v.kind not in ("linear", "hf_conv1d"):
+        if not v.is_linear:
             down, up = self._factors()
-            return low_rank_forward(v, x, base_out, down, up, 1.0)
+            return low_rank_apply(v, x, base_out, down, up)
         n, p, q, r = self.n, self.p, self.q, self.rank
         n_in, n_out = v.in_features, v.out_features
         if x.dtype != t.dtype:
@@ -136,7 +137,7 @@ class Compacter(Method):
         # y[N, a, c] = Σ_{i, ρ} Z'[N, a, i, ρ] S_i[c, ρ]   — one matmul
         s2 = s.permute(0, 2, 1).reshape(n * r, p)
         z2 = z.reshape(tokens * n, n * r)
-        if n * p == n_out and base_out.dtype == s.dtype:
+        if n * p == n_out and base_out.dtype == s.dtype and not autocast_on(x.device.type):
             return torch.addmm(base_out.reshape(tokens * n, p), z2, s2).view(base_out.shape)
         y = torch.mm(z2, s2).view(tokens, n * p)[:, :n_out]
         return base_out + y.to(base_out.dtype).view(base_out.shape)

@@ -21,7 +21,7 @@ so the adapted model equals the base at init.
 
 Activation view, never forming ``ΔW``:
 
-* 2 modes: ``base_out + s · (U_out G) (U_inᵀ x)`` — a LoRA of rank ``r_in`` (LoRA's autograd node).
+* 2 modes: ``base_out + s · (U_out G) (U_inᵀ x)`` — a LoRA of rank ``r_in`` (``core.ops.low_rank_apply``).
 * convolutions: ``U_inᵀ`` as a 1×1 convolution (``in → r_in`` channels), then the *core
   convolution* with kernel ``K = G ×₃ U_k1 ×₄ U_k2 ∈ R^{r_out×r_in×kh×kw}`` using the layer's own
   stride / padding / dilation / padding mode, then ``U_out`` as a 1×1 convolution. A per-pixel
@@ -45,8 +45,8 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, normal_
 from ..core.registry import register
-from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
 @dataclass
@@ -60,9 +60,9 @@ class FloraTuckerConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
+        self._check_int("rank")
         if self.kernel_rank is not None:
-            positive_int(self, "kernel_rank")
+            self._check_int("kernel_rank")
         self._check(isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool) and self.scale != 0,
                     "scale", "scale must be a non-zero number.")
 
@@ -83,24 +83,19 @@ class FloraTucker(Method):
     """Tucker update with one factor per weight mode (see module docstring)."""
 
     Config = FloraTuckerConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = s·G ×₁U_out ×₂U_in (×₃U_k…): Tucker core over the weight's own modes (Si et al. 2024)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: FloraTuckerConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config, self.scale = view, config, float(config.scale)
+        self.scale = float(config.scale)
         dims, ranks = _modes(view, config)
         self.dims, self.ranks, self.rank = dims, ranks, ranks[1]
-        kw = float_kw(view)
-        self.flora_G = nn.Parameter(torch.zeros(*ranks, **kw))
-        self.factors = nn.ParameterList()
-        for d, r in zip(dims, ranks):
-            # kaiming_normal_(a=√3) on a (d × r) tensor: std = √(2/(1+3)) / √r
-            std = math.sqrt(0.5) / math.sqrt(r)
-            self.factors.append(nn.Parameter(torch.randn(d, r, generator=generator, **kw) * std))
+        self.flora_G = nn.Parameter(torch.zeros(*ranks, **view.factory_kwargs))
+        # kaiming_normal_(a=√3) on a (d × r) tensor: std = √(2/(1+3)) / √r
+        self.factors = nn.ParameterList(
+            nn.Parameter(normal_(torch.empty(d, r, **view.factory_kwargs), math.sqrt(0.5 / r), generator))
+            for d, r in zip(dims, ranks))
 
     @classmethod
     def num_params(cls, view: LayerView, config: FloraTuckerConfig) -> int:
@@ -112,20 +107,22 @@ class FloraTucker(Method):
         """``G`` with its kernel modes expanded: ``r_out × r_in × k…``."""
         core = self.flora_G
         for i, u in enumerate(self.factors[2:]):
-            core = torch.movedim(torch.tensordot(core, u, dims=([2 + i], [1])), -1, 2 + i)
+            # autocast runs tensordot's product in bf16, so the next factor must follow the core's dtype
+            core = torch.movedim(torch.tensordot(core, u.to(core.dtype), dims=([2 + i], [1])), -1, 2 + i)
         return core
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         u_out, u_in = self.factors[0], self.factors[1]
         v = self.view
         if v.kind not in ("conv1d", "conv2d"):
-            return low_rank_forward(v, x, base_out, u_in.t(), u_out @ self.flora_G, self.scale)
+            return low_rank_apply(v, x, base_out, u_in.t(), u_out @ self.flora_G, self.scale)
         if x.dtype != u_in.dtype:
             x = x.to(u_in.dtype)
         spatial = [1] * (x.dim() - 2)
         h = (F.conv2d if v.kind == "conv2d" else F.conv1d)(x, u_in.t().reshape(u_in.shape[1], -1, *spatial))
-        h = v.base._conv_forward(h, self._kernel_core(), None)  # the layer's stride/padding/dilation
-        return base_out + (v.apply_out(h, u_out) * self.scale).to(base_out.dtype)
+        # the layer's stride/padding/dilation; under autocast h is already in the autocast dtype
+        h = v.base._conv_forward(h, self._kernel_core().to(h.dtype), None)
+        return base_out + (v.apply_out(h, u_out.to(h.dtype)) * self.scale).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         n = self.flora_G.dim()

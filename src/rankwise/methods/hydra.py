@@ -19,8 +19,8 @@ base); ``s`` = ``scale`` (their default 1).
 Activation view: the sequential branch's down-projection of the pre-trained feature is folded
 into the weights, ``A_s (W0 x) = (A_s W0) x`` — an ``r × in`` product formed once per step
 (``r · out · in`` multiply-adds, like ``r`` rows of the layer) — so the whole adapter is one LoRA of
-rank ``2r``: ``base_out + s · [B_p B_s] ([A_p; A_s W0] x)``, two thin matmuls in LoRA's single
-autograd node. Backward saves only the layer input (which the base keeps anyway): reading
+rank ``2r``: ``base_out + s · [B_p B_s] ([A_p; A_s W0] x)``, two thin matmuls
+(``core.ops.low_rank_apply``). Backward saves only the layer input (which the base keeps anyway): reading
 ``base_out`` instead would save an extra output-sized tensor per layer for ``A_s``'s gradient.
 It also reads ``W0`` itself, so with several unmerged adapters on a layer the branch still sees
 the pre-trained feature, exactly as ``delta_weight`` does.
@@ -39,8 +39,8 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, uniform_
 from ..core.registry import register
-from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
 @dataclass
@@ -52,7 +52,7 @@ class HydraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
+        self._check_int("rank")
         self._check(isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool) and self.scale != 0,
                     "scale", "scale must be a non-zero number.")
 
@@ -62,23 +62,19 @@ class Hydra(Method):
     """Parallel + sequential low-rank branches (see module docstring)."""
 
     Config = HydraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = s·(B_p A_p + B_s A_s W0): parallel + sequential low-rank branches (Kim et al. 2023)"
-    identity_at_init = True
     reads_base = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: HydraConfig, generator=None, calibration=None):
         super().__init__(view, config)
         view.check_rank(config.rank, "hydra")
-        self.view, self.config, self.rank, self.scale = view, config, config.rank, float(config.scale)
+        self.rank, self.scale = config.rank, float(config.scale)
         r, n_in, n_out = config.rank, view.in_features, view.out_features
-        kw = float_kw(view)
+        kw = view.factory_kwargs
 
         def xavier(rows, cols):
-            bound = math.sqrt(6.0 / (rows + cols))
-            return torch.empty(rows, cols, **kw).uniform_(-bound, bound, generator=generator)
+            return uniform_(torch.empty(rows, cols, **kw), math.sqrt(6.0 / (rows + cols)), generator)
 
         self.hydra_A_par = nn.Parameter(xavier(r, n_in))
         self.hydra_A_seq = nn.Parameter(xavier(r, n_out))
@@ -93,7 +89,7 @@ class Hydra(Method):
         w0 = self.view.weight2d().to(self.hydra_A_seq.dtype)
         a = torch.cat([self.hydra_A_par, self.hydra_A_seq @ w0], dim=0)  # 2r × in
         b = torch.cat([self.hydra_B_par, self.hydra_B_seq], dim=1)  # out × 2r
-        return low_rank_forward(self.view, x, base_out, a, b, self.scale)
+        return low_rank_apply(self.view, x, base_out, a, b, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         w0 = self.view.weight2d().to(self.hydra_A_seq.dtype)

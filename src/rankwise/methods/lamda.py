@@ -26,6 +26,17 @@ unchanged ``W0`` (no residual ``W0 − B S A`` is formed), so ``S`` starts at 0;
 and the linear spacing of the per-column freeze steps are options/assumptions. LaMDA++'s
 spectrum-based rank allocation is not implemented.
 
+rankwise follows the paper's text; the authors' code (github.com/ArminAzizi98/LaMDA) differs, so
+results will differ from theirs:
+
+* init: their ``A``, ``B`` come from PEFT's LoRA init (random ``A``, ``B = 0``; ``train_clm.py``)
+  or from LoftQ, not from the SVD of ``W0``, and ``S`` is an ``nn.Linear(r, r)`` with PyTorch's
+  default (non-zero) init (``lamda.py``);
+* freezing (``custom_trainer.py`` ``gradual_freeze_B``): they zero the gradient of the first
+  ``t = ⌊step / (0.3 · max_steps)⌋`` columns of ``B`` (one column per ``0.3 · max_steps``
+  steps), so AdamW's momentum and weight decay still move a "frozen" column; rankwise freezes a
+  column for good (a frozen copy) over ``freeze_steps`` steps.
+
 The top singular vectors come from a randomized SVD (Halko, Martinsson & Tropp 2011) with the
 caller's generator: range sketch of width ``k = min(r + 8, out, in)`` and two power iterations,
 ``O(out · in · k)`` instead of a full SVD's ``O(out · in · min(out, in))``. When
@@ -34,7 +45,8 @@ error of the captured subspace decays like ``(σ_{k+1} / σ_r)^{5}``. Singular-v
 arbitrary in any SVD; here they follow the random sketch, so another seed gives another (equally
 valid) sign pattern.
 
-Activation view: ``base_out + s · (B S) (A x)`` — ``B S`` is ``out × r``, so the cost is LoRA's.
+Activation view: ``base_out + s · (B S) (A drop(x))`` — ``B S`` is ``out × r``, so the cost is LoRA's
+(``core.ops.low_rank_apply``).
 
 Parameters per layer at init: ``r² + out · r`` (``r²`` once ``B`` is frozen).
 """
@@ -47,44 +59,37 @@ import torch
 from torch import nn
 
 from ..core.api import adapted_layers
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, seeded_
 from ..core.registry import register
 from ..errors import ConfigError
 from ._rank_common import adapters_of
-from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
 @dataclass
-class LamdaConfig(AdapterConfig):
-    """rank: r; alpha: s = α/r (None: α = r); freeze_steps: optimizer steps over which B is frozen
-    column by column (0: frozen from the start); freeze_order: 'largest' | 'smallest' singular
-    value first."""
+class LamdaConfig(RankAlphaConfig):
+    """rank: r; alpha: s = α/r (None: α = r); dropout: on the adapter's input; freeze_steps:
+    optimizer steps over which B is frozen column by column (0: frozen from the start);
+    freeze_order: 'largest' | 'smallest' singular value first."""
 
-    rank: int = 8
-    alpha: float | None = None
     freeze_steps: int = 100
     freeze_order: str = "largest"
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
-        positive_int(self, "freeze_steps", allow_zero=True)
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
+        self._check_int("freeze_steps", low=0)
         self._check(self.freeze_order in ("largest", "smallest"), "freeze_order",
                     "use 'largest' (freeze the components of the largest singular values first) or 'smallest'.")
 
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
 
 
 def top_singular(w: torch.Tensor, r: int, generator=None, oversample: int = 8, iters: int = 2):
     """``(U_r, σ_r, V_rᵀ)`` of ``w`` by randomized subspace iteration (see module docstring)."""
     m, n = w.shape
     k = min(r + oversample, m, n)
-    omega = torch.randn(n, k, generator=generator, dtype=w.dtype).to(w.device)
+    omega = seeded_(torch.empty(n, k, dtype=w.dtype, device=w.device), lambda b, g: b.normal_(generator=g), generator)
     q = torch.linalg.qr(w @ omega).Q
     for _ in range(iters):
         q = torch.linalg.qr(w.t() @ q).Q
@@ -98,18 +103,15 @@ class Lamda(Method):
     """``s · B S A`` with frozen spectral ``A``, trainable core ``S``, gradually frozen ``B``."""
 
     Config = LamdaConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = s·B S A: frozen spectral A, r×r trainable S, B frozen gradually (Azizi et al. 2024)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: LamdaConfig, generator=None, calibration=None):
         super().__init__(view, config)
         view.check_rank(config.rank, "lamda")
         r = config.rank
-        self.view, self.config, self.rank, self.scale = view, config, r, config.scale
-        kw = float_kw(view)
+        self.rank, self.scale = r, config.scale
+        kw = view.factory_kwargs
         with torch.no_grad():
             w = view.weight2d().detach()
             w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
@@ -118,7 +120,7 @@ class Lamda(Method):
         self.lamda_B = nn.Parameter(u.to(**kw).contiguous())
         self.lamda_S = nn.Parameter(torch.zeros(r, r, **kw))
         self.register_buffer("lamda_B_frozen", self.lamda_B.detach().clone())
-        self.register_buffer("lamda_frozen", torch.zeros(r, dtype=torch.bool))
+        self.register_buffer("lamda_frozen", torch.zeros(r, dtype=torch.bool, device=kw["device"]))
         self._n_frozen: int | None = 0  # host-side count of frozen columns (None: read the buffer)
         if config.freeze_steps == 0:
             self.freeze_due(0)
@@ -151,22 +153,27 @@ class Lamda(Method):
     @torch.no_grad()
     def freeze_due(self, step: int) -> int:
         """Freeze the columns of ``B`` the schedule has reached by optimizer step ``step``;
-        return how many are frozen."""
+        return how many are frozen. The frozen columns are always a prefix of the freezing order,
+        so the host-side count says which (no device read, and it works on a meta tensor)."""
         r, total = self.rank, self.config.freeze_steps
         due = r if total == 0 else min(r, (step * r) // total)
-        order = torch.arange(r) if self.config.freeze_order == "largest" else torch.arange(r - 1, -1, -1)
-        cols = order[:due].to(self.lamda_frozen.device)
-        new = cols[~self.lamda_frozen[cols]]
-        if new.numel():
+        n = self.frozen_columns()
+        if due > n:
+            order = torch.arange(r) if self.config.freeze_order == "largest" else torch.arange(r - 1, -1, -1)
+            new = order[n:due].to(self.lamda_frozen.device)
             self.lamda_B_frozen[:, new] = self.lamda_B.detach()[:, new]
             self.lamda_frozen[new] = True
-        self.loaded()
+            self._n_frozen = due
+        self._stop_b_grad()
         return self.frozen_columns()
 
     def loaded(self) -> None:
-        """Re-read the frozen state (after ``rw.load`` copied the buffers); once every column is
-        frozen, ``B`` stops requiring gradients."""
+        """Re-read the frozen state (after ``rw.load`` copied the buffers)."""
         self._n_frozen = None
+        self._stop_b_grad()
+
+    def _stop_b_grad(self) -> None:
+        """Once every column is frozen, ``B`` stops requiring gradients."""
         if self.frozen_columns() == self.rank and self.lamda_B.requires_grad:
             self.lamda_B.requires_grad_(False)
             self.lamda_B.grad = None
@@ -181,7 +188,8 @@ class Lamda(Method):
 
     # ---- the two views ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        return low_rank_forward(self.view, x, base_out, self.lamda_A, self._b() @ self.lamda_S, self.scale)
+        return low_rank_apply(self.view, x, base_out, self.lamda_A, self._b() @ self.lamda_S, self.scale,
+                              self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         return self.view.to_param((self._b() @ self.lamda_S @ self.lamda_A) * self.scale)

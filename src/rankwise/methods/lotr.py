@@ -13,17 +13,28 @@ parameters, against LoRA's ``L r(out + in)``.
 Sharing (``share``): ``"type"`` (default, the paper's setting) groups layers whose names agree
 once numeric path components are dropped and whose weights have the same shape
 (``encoder.layer.0.attention.self.query`` and ``encoder.layer.5.attention.self.query`` share
-``U, V``); ``"shape"`` groups every targeted layer with the same ``out × in``. The factors are one
+``U, V``); ``"shape"`` groups every targeted layer with the same ``out × in`` (the authors'
+README example shares one container between ``query`` and ``value``). The factors are one
 parameter object per group (the engine's ``shared`` hook): the optimizer steps them once with
 the gradients of all layers of the group, and ``rw.save`` stores them once.
 
-Init (the paper leaves it open; ours makes the adapted model equal the base): ``U``, ``V``
-random with orthonormal columns/rows (QR of a Gaussian from the caller's generator), ``G_l = 0``.
-The first step moves only the cores; ``U``, ``V`` follow once the cores are non-zero.
+Init: ``G_l = 0`` in every case, so the adapted model equals the base. The factors:
 
-Activation view: ``base_out + s · (U G_l) (V x)`` — ``U G_l`` is ``out × r``, so the cost is a
-LoRA of rank ``r`` (two thin matmuls, LoRA's single autograd node on linear layers; the layer's
-own operation through ``LayerView`` on convolutions and embeddings).
+* ``init="orthonormal"`` (default, a rankwise choice): ``U``, ``V`` random with orthonormal
+  columns/rows (QR of a Gaussian from the caller's generator), with ``s = α/r = 1``: then
+  ``‖ΔW_l‖_F = s ‖G_l‖_F``, a core step moves the weight by as much as it moves the core — the
+  scale LoRA users expect, and the one ``default_lr`` was measured at.
+* ``init="normal"``: the authors' code (github.com/daskol/lotr, ``lotr/lotr.py``): entries of
+  ``U``, ``V`` ~ ``N(0, 1)``; with ``alpha=1`` this is their default ``scale / rank = 1/r``.
+  Their columns have norm ≈ ``√dim``, so ``‖ΔW_l‖_F ≈ √(out·in) / r · ‖G_l‖_F``: the same core
+  step moves the weight about ``dim / r`` times further than the default (≈ 100× for a
+  768-wide layer at ``r = 8``) — lower the learning rate accordingly.
+
+The first step moves only the cores (``G = 0`` gives ``U``, ``V`` no gradient); ``U``, ``V``
+follow once the cores are non-zero.
+
+Activation view: ``base_out + s · (U G_l) (V drop(x))`` — ``U G_l`` is ``out × r``, so the cost is a
+LoRA of rank ``r`` (``core.ops.low_rank_apply``).
 
 Parameters per layer, as ``num_params`` counts them for a model with this one layer:
 ``r (out + in) + r²``; a group of ``L`` layers trains ``r (out + in) + L r²``.
@@ -37,32 +48,27 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, normal_, seeded_
 from ..core.registry import register
-from ._shared_common import float_kw, low_rank_forward, positive_int, random_orthonormal
 
 
 @dataclass
-class LotrConfig(AdapterConfig):
+class LotrConfig(RankAlphaConfig):
     """rank: r (of the shared factors and the cores); alpha: s = α/r (None: α = r);
-    share: 'type' (same layer name up to block indices, and same shape) | 'shape'."""
+    share: 'type' (same layer name up to block indices, and same shape) | 'shape';
+    init: 'orthonormal' | 'normal' (the authors' N(0, 1) factors; use with alpha=1)."""
 
-    rank: int = 8
-    alpha: float | None = None
     share: str = "type"
+    init: str = "orthonormal"
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
         self._check(self.share in ("type", "shape"), "share",
                     "use 'type' (one factor pair per layer type and shape) or 'shape' (one per weight shape).")
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
+        self._check(self.init in ("orthonormal", "normal"), "init", "use 'orthonormal' or 'normal'.")
 
 
 def group_key(view: LayerView, share: str) -> str:
@@ -74,13 +80,27 @@ def group_key(view: LayerView, share: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", kind) + "_" + shape
 
 
+def _orthonormal(buf: torch.Tensor, generator) -> torch.Tensor:
+    """Fill ``buf`` (rows ≥ cols) with Haar-distributed orthonormal columns: QR of a Gaussian with
+    the signs of ``diag(R)`` folded in (so the law does not depend on LAPACK's sign choice)."""
+    q, r = torch.linalg.qr(torch.randn(buf.shape, generator=generator, dtype=torch.float64, device=buf.device))
+    return buf.copy_(q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0))
+
+
 class LotrFactors(nn.Module):
     """The factors ``U (out × r)`` and ``V (r × in)`` one group of layers shares."""
 
-    def __init__(self, n_out: int, n_in: int, rank: int, generator=None, dtype=torch.float32):
+    def __init__(self, view: LayerView, rank: int, init: str, generator=None):
         super().__init__()
-        self.lotr_U = nn.Parameter(random_orthonormal(n_out, rank, generator, dtype))
-        self.lotr_V = nn.Parameter(random_orthonormal(n_in, rank, generator, dtype).t().contiguous())
+        u = torch.empty(view.out_features, rank, **view.factory_kwargs)
+        v_t = torch.empty(view.in_features, rank, **view.factory_kwargs)  # V drawn as Vᵀ (in × r)
+        for t in (u, v_t):
+            if init == "normal":
+                normal_(t, 1.0, generator)
+            else:
+                seeded_(t, _orthonormal, generator)
+        self.lotr_U = nn.Parameter(u)
+        self.lotr_V = nn.Parameter(v_t.t().contiguous())
 
 
 @register("lotr")
@@ -88,10 +108,7 @@ class Lotr(Method):
     """Tucker-2 update ``s · U G_l V`` with ``U, V`` shared by a layer group (see module docstring)."""
 
     Config = LotrConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW_l = s·U G_l V: U, V shared by layers of one type, r×r core per layer (Bershatsky et al. 2024)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     @classmethod
@@ -101,7 +118,7 @@ class Lotr(Method):
             v.check_rank(config.rank, "lotr")
             key = group_key(v, config.share)
             if key not in groups:
-                groups[key] = LotrFactors(v.out_features, v.in_features, config.rank, generator, **float_kw(v))
+                groups[key] = LotrFactors(v, config.rank, config.init, generator)
         return groups
 
     def __init__(self, view: LayerView, config: LotrConfig, generator=None, calibration=None, shared=None):
@@ -109,10 +126,10 @@ class Lotr(Method):
         if shared is None:  # built outside rw.adapt: a group of one
             shared = self.shared([view], config, generator)
         view.check_rank(config.rank, "lotr")
-        self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
+        self.rank, self.scale = config.rank, config.scale
         self.group = group_key(view, config.share)
         self.factors = shared[self.group]  # registered here too: one object, counted once by the model
-        self.lotr_G = nn.Parameter(torch.zeros(config.rank, config.rank, **float_kw(view)))
+        self.lotr_G = nn.Parameter(torch.zeros(config.rank, config.rank, **view.factory_kwargs))
 
     @classmethod
     def num_params(cls, view: LayerView, config: LotrConfig) -> int:
@@ -121,7 +138,8 @@ class Lotr(Method):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         f = self.factors
-        return low_rank_forward(self.view, x, base_out, f.lotr_V, f.lotr_U @ self.lotr_G, self.scale)
+        return low_rank_apply(self.view, x, base_out, f.lotr_V, f.lotr_U @ self.lotr_G, self.scale,
+                              self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         f = self.factors

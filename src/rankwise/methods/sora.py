@@ -2,7 +2,7 @@
 
 LoRA with a gate vector ``g ∈ R^r`` between the two factors::
 
-    ΔW = s · B diag(g) A,      A ∈ R^{r×in},  B ∈ R^{out×r},  s = α / r₀
+    ΔW = s · B diag(g) A,      A ∈ R^{r×in},  B ∈ R^{out×r},  s = α / r₀   (rsLoRA: α / √r₀)
 
 The gate is driven sparse by a proximal gradient step on ``λ‖g‖₁``: after the optimizer's
 ordinary step, :func:`proximal_step` soft-thresholds it,
@@ -20,9 +20,8 @@ so pruning never rescales the update.
 ``rankwise.train`` (or any loop calling ``rw.rank_step(model, step, optimizer, total_steps)``)
 does this through the ``on_step`` hook: after each optimizer step the gates are soft-thresholded by
 ``lam · lr`` (``lr`` of the gates' param group), and at the last step the zero gates are pruned
-(``prune_at_end``). A hand-written loop with the paper's separate gate optimizer (proximal
-gradient descent on the gates: a plain gradient step, then the threshold; ``A`` and ``B`` train
-with any optimizer)::
+(``prune_at_end``). A hand-written loop with the paper's proximal gradient descent on the gates (a
+plain gradient step, then the threshold; ``A`` and ``B`` train with any optimizer)::
 
     gate_opt = torch.optim.SGD(sora.gate_parameters(model), lr=lr_g)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad
@@ -32,56 +31,65 @@ with any optimizer)::
     ...
     sora.prune(model, optimizer=opt)   # any time; the optimizer's state is cut to match
 
-The official code instead steps the gates with AdamW and thresholds by ``λ·lr``; with Adam's
-normalized steps (≈ ``lr`` per step) a threshold above ``lr`` zeroes every gate, so ``λ < 1`` there.
+The authors' code (github.com/TsinghuaC3I/SoRA) differs from the paper, and rankwise states where
+it follows which:
 
-Init: as LoRA (``A`` kaiming-uniform ``±1/√in``, ``B = 0``; embeddings swap: ``A = 0``,
-``B ~ N(0, 1)``) and ``g = 1``, so SoRA starts as the LoRA it generalizes and the adapted model
-equals the base.
+* ``run_glue.py`` steps the gates with its own AdamW (``src/sparse_optimizer.py``
+  ``SparseAdamW``) and then thresholds by a *constant* ``ξ`` (``sparse_lambda_2``), not by
+  ``η λ``; the ``λ · lr`` variant is ``src/sparse_optimizer_multiply_lr.py``, which the script
+  does not use. ``on_step`` thresholds by ``lam · lr`` (the paper's ``η λ``); with a constant
+  learning rate this is the official step with ``ξ = lam · lr`` (with a decaying schedule the
+  official threshold stays ``ξ`` while ours shrinks with ``lr``). Under AdamW (≈ ``lr`` per step)
+  a threshold above ``lr`` zeroes every gate, so ``lam < 1`` there.
+* Its threshold is three in-place masks, ``g[g > ξ] -= ξ; g[g < -ξ] += ξ; g[|g| < ξ] = 0``; the
+  last one sees the already-shrunk values, so gates with ``ξ < |g| < 2ξ`` are zeroed too (a hard
+  threshold at ``2ξ`` after the shrink). rankwise applies the soft-threshold ``T_ξ`` of the
+  paper's proximal step; the two agree except on ``ξ < |g| < 2ξ``.
+* Its trainer also adds ``sparse_lambda · mean |g|`` to the loss (``src/trainer.py``); rankwise
+  adds no loss term (the proximal step is the paper's treatment of the L1 penalty) — add
+  ``λ₁ · torch.cat(sora.gate_parameters(model)).abs().mean()`` to the loss to reproduce it.
+
+Init: as the authors' ``src/lora.py``: ``A`` kaiming-uniform ``±1/√in``, ``B = 0`` and the gate
+``g ~ N(0, 1)`` (their ``torch.randn(1, r)``), from the caller's generator; embeddings swap the
+factors (``A = 0``, ``B ~ N(0, 1)``) so both get gradients. ``ΔW = 0``: the adapted model equals
+the base.
 
 Activation view: ``base_out + s · (B ⊙ g) (A x)`` — the gate folds into ``B`` (``out × r``), so
-the cost is LoRA's (its single autograd node on linear layers).
+the cost is LoRA's (``core.ops.low_rank_apply``).
 
 Parameters per layer: ``r (in + out + 1)`` with the layer's current rank ``r``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..core.api import adapter_state
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import kaiming_bound, low_rank_apply, normal_, uniform_
 from ..core.registry import register
 from ..errors import ConfigError
 from ._rank_common import adapters_of
-from ._shared_common import float_kw, low_rank_forward, positive_int
 
 
 @dataclass
-class SoraConfig(AdapterConfig):
+class SoraConfig(RankAlphaConfig):
     """rank: r₀, the initial rank; alpha: s = α/r₀ (None: α = r₀); dropout: on the adapter's input;
     lam: λ of the L1 penalty the ``on_step`` hook applies (threshold λ·lr per step; 0: off);
     prune_at_end: prune the zero gates at the last step of a loop that knows its length;
     rank_pattern: module name → rank after pruning (written by :func:`prune`)."""
 
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
     lam: float = 0.1
     prune_at_end: bool = True
     rank_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
-        positive_int(self, "rank")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
         self._check(isinstance(self.lam, (int, float)) and not isinstance(self.lam, bool) and self.lam >= 0, "lam",
                     "lam (λ of the gate's L1 penalty) must be a number ≥ 0; 0 turns the proximal step off.")
         self._check(isinstance(self.rank_pattern, dict) and all(
@@ -89,10 +97,6 @@ class SoraConfig(AdapterConfig):
             for k, v in self.rank_pattern.items()), "rank_pattern",
             f"give a dict of module name → pruned rank in [0, rank={self.rank}] (prune() writes it).")
         self.rank_pattern = dict(self.rank_pattern)
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
 
     def rank_of(self, module_name: str) -> int:
         return self.rank_pattern.get(module_name, self.rank)
@@ -103,28 +107,22 @@ class Sora(Method):
     """LoRA with a sparse gate on the rank dimension (see module docstring)."""
 
     Config = SoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = s·B diag(g) A, proximal L1 on the gate g prunes ranks while training (Ding et al. 2023)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: SoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
         view.check_rank(config.rank, "sora")
         r = config.rank_of(view.name)
-        self.view, self.config, self.rank, self.scale = view, config, r, config.scale
-        kw = float_kw(view)
-        n_in, n_out = view.in_features, view.out_features
-        self.sora_A = nn.Parameter(torch.zeros(r, n_in, **kw))
-        self.sora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
-        self.sora_gate = nn.Parameter(torch.ones(r, **kw))
-        with torch.no_grad():
-            if view.kind == "embedding":
-                self.sora_B.normal_(generator=generator)
-            else:
-                bound = 1.0 / math.sqrt(n_in)
-                self.sora_A.uniform_(-bound, bound, generator=generator)
+        self.rank, self.scale = r, config.scale
+        kw = view.factory_kwargs
+        self.sora_A = nn.Parameter(torch.zeros(r, view.in_features, **kw))
+        self.sora_B = nn.Parameter(torch.zeros(view.out_features, r, **kw))
+        if view.kind == "embedding":
+            normal_(self.sora_B, 1.0, generator)
+        else:
+            uniform_(self.sora_A, kaiming_bound(view.in_features), generator)
+        self.sora_gate = nn.Parameter(normal_(torch.empty(r, **kw), 1.0, generator))
 
     @classmethod
     def num_params(cls, view: LayerView, config: SoraConfig) -> int:
@@ -133,7 +131,7 @@ class Sora(Method):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if self.rank == 0:
             return base_out
-        return low_rank_forward(self.view, x, base_out, self.sora_A, self.sora_B * self.sora_gate, self.scale,
+        return low_rank_apply(self.view, x, base_out, self.sora_A, self.sora_B * self.sora_gate, self.scale,
                                 self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
