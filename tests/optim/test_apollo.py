@@ -15,8 +15,10 @@ import math
 
 import pytest
 import torch
+from _optim_helpers import _max_rel, _trajectory
 from torch import nn
 
+import rankwise.optim as ro
 from rankwise.optim import APOLLO, param_groups
 from rankwise.optim.projectors import KINDS
 
@@ -85,3 +87,56 @@ def test_apollo_every_projector_kind_steps_on_default_options(kind, single_threa
             losses.append(loss.item())
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert losses[-1] < 0.9 * losses[0], (kind, how, losses)
+
+
+# ---------------------------------------------------------------------------------------- APOLLO
+@pytest.mark.parametrize("mini", [False, True], ids=["apollo", "apollo_mini"])
+def test_apollo_matches_apollo_torch(single_thread, mini, llama):
+    """50 steps, same param groups and seeds, refreshes every 10 steps, weight decay: the same losses."""
+    from apollo_torch import APOLLOAdamW
+
+    rank, scale, scale_type = (1, 128.0, "tensor") if mini else (4, 2.0, "channel")
+
+    def reference(model):
+        groups = ro.param_groups(model, rank=rank, update_proj_gap=10, scale=scale)
+        groups[-1].update(proj="random", scale_type=scale_type, proj_type="std")
+        return APOLLOAdamW(groups, lr=1e-2, weight_decay=0.01)
+
+    def ours(model):
+        groups = ro.param_groups(model, rank=rank, update_proj_gap=10, scale=scale)
+        if mini:
+            return ro.APOLLOMini(groups, lr=1e-2, weight_decay=0.01)
+        return ro.APOLLO(groups, lr=1e-2, weight_decay=0.01, scale_type="channel")
+
+    ref, _, _ = _trajectory(llama, reference)
+    got, model, opt = _trajectory(llama, ours)
+    assert ref[-1] < ref[0] - 0.3  # it trains
+    assert _max_rel(got, ref) < 1e-9
+    # the random projection is regenerated, not stored: state = 2 moments + one norm per matrix
+    sb = ro.state_bytes(opt, model)
+    for name, p in ro.matrix_parameters(model):
+        m, n = p.shape
+        low = rank * n if m < n else m * rank
+        assert sb[f"{name}.exp_avg"] + sb[f"{name}.exp_avg_sq"] == 2 * low * 8
+        assert sb[f"{name}.scaled_grad"] == 8
+        assert f"{name}.proj_basis" not in sb
+
+
+def test_apollo_stored_projection_and_scale_front(single_thread, llama):
+    """``store_projection`` changes memory, not the trajectory; ``scale_front`` matches apollo-torch."""
+    from apollo_torch import APOLLOAdamW
+
+    def reference(model):
+        groups = ro.param_groups(model, rank=4, update_proj_gap=7, scale=4.0)
+        groups[-1].update(proj="random", scale_type="channel", proj_type="std")
+        return APOLLOAdamW(groups, lr=5e-3, scale_front=True)
+
+    def ours(store):
+        return lambda model: ro.APOLLO(ro.param_groups(model, rank=4, update_proj_gap=7, scale=4.0), lr=5e-3,
+                                       scale_front=True, store_projection=store)
+
+    ref, _, _ = _trajectory(llama, reference, steps=20)
+    a, _, _ = _trajectory(llama, ours(False), steps=20)
+    b, model, opt = _trajectory(llama, ours(True), steps=20)
+    assert _max_rel(a, ref) < 1e-9 and _max_rel(b, ref) < 1e-9
+    assert any(k.endswith("proj_basis") for k in ro.state_bytes(opt, model))

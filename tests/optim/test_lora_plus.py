@@ -14,8 +14,11 @@ Oracles:
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from _optim_helpers import _batches
 from torch import nn
 
 import rankwise as rw
@@ -219,3 +222,62 @@ def test_allora_gradient_mode_is_adamw_on_scaled_gradients(llama):
             torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-12, atol=1e-14)
     with pytest.raises(ConfigError, match="apply_to='grad'"):
         ro.ALLoRA(groups, apply_to="grad")
+
+
+# ---------------------------------------------------------------------------------------- LoRA+ / ALLoRA
+def _peft_and_rankwise(llama, perturb, rank=4):
+    import peft
+
+    ours = llama(0)
+    rw.adapt(ours, "lora", rank=rank, alpha=8, targets="all-linear", seed=0)
+    theirs = peft.get_peft_model(llama(0), peft.LoraConfig(r=rank, lora_alpha=8, target_modules="all-linear"))
+    perturb([p for n, p in ours.named_parameters() if "lora_" in n], seed=3, std=0.1)  # B ≠ 0
+    mine = {n.replace(".adapters.default.", "."): p for n, p in ours.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                key = n.removeprefix("base_model.model.").replace(".default.weight", "")
+                p.copy_(mine[key])
+    return ours, theirs, mine
+
+
+def test_lora_plus_groups_and_step_match_peft(single_thread, llama, perturb):
+    from peft.optimizers import create_loraplus_optimizer
+
+    ours, theirs, factors = _peft_and_rankwise(llama, perturb)
+    groups = ro.lora_plus(ours, lr=1e-3, ratio=16)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"lora_A", "lora_B"}
+    assert by_name["lora_B"]["lr"] == pytest.approx(16e-3) and by_name["lora_A"]["lr"] == 1e-3
+    ids_b = {id(p) for p in by_name["lora_B"]["params"]}
+    assert ids_b == {id(p) for n, p in factors.items() if n.endswith("lora_B")}
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    ref = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    batches = _batches(3, seed=11)
+    for model, o in ((ours, opt), (theirs, ref)):
+        model.train()
+        for ids in batches:
+            model(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    theirs_f = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p
+                for n, p in theirs.named_parameters() if "lora_" in n}
+    for k, p in factors.items():
+        torch.testing.assert_close(p, theirs_f[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_plus_rejects_model_without_lora(llama):
+    with pytest.raises(ConfigError, match="no trainable LoRA factors"):
+        ro.lora_plus(llama(0), lr=1e-3)
+    with pytest.raises(ConfigError, match="ratio"):
+        ro.lora_plus(llama(0), lr=1e-3, ratio=0)
+
+
+def test_allora_zero_rows_get_eta():
+    """The coefficient 1/sqrt(‖θ_row‖² + 1/η²) in closed form: η on a zero row, 1/√26 for (3, 4) at η=1."""
+    from rankwise.optim.lora_plus import allora_scale
+
+    b = torch.zeros(5, 3)
+    assert torch.allclose(allora_scale(b, 4.0), torch.full((5, 1), 4.0))
+    w = torch.tensor([[3.0, 4.0]])
+    assert torch.allclose(allora_scale(w, 1.0), torch.tensor([[1 / math.sqrt(26.0)]]))
