@@ -327,7 +327,8 @@ def projector_table(args, init_state, batches) -> tuple[list[list], list[str]]:
             for g in grads:
                 make_projector(k, args.rank, state={}).update(g, 0)
         fns[f"rankwise {k}"] = refresh
-    # online PCA's steady state is one Oja step from an existing basis, not the SVD it starts from
+    # online PCA (Online Subspace Descent) takes one AdamW step on P every optimizer step after the SVD it
+    # starts from: the (update) row times that per-step cost
     states = []
     for g in grads:
         st = {}

@@ -1,7 +1,5 @@
 """Shared pieces of the weight- and data-driven inits (``pissa``, ``milora``, ``olora``, ``nlora``,
-``corda``, ``eva``).
-
-:class:`InitConfig` — the LoRA hyperparameters they share (rank, alpha, dropout, rsLoRA).
+``corda``, ``lora_ga``, ``loftq``; ``eva`` and ``lora_sb`` use the small helpers at the end).
 
 :class:`ResidualLowRank` — the "residual" layout of PiSSA-type methods. PEFT implements them by
 moving a part ``s·B₀A₀`` of ``W0`` into the adapter and *overwriting* the base weight with the
@@ -22,6 +20,9 @@ base's in·out). With dropout in training the two parts see different inputs (PE
 input of ``B A`` only): ``base_out − s·B₀A₀x + s·B A drop(x)``. ``A₀, B₀`` are saved with the
 adapter (they may come from data or a random sketch, so they cannot always be recomputed).
 
+:class:`WeightSplit` — a :class:`ResidualLowRank` whose ``A₀, B₀`` are a function of ``W0``
+(PiSSA, MiLoRA, OLoRA): ``plan`` factors all target layers of one shape in one batched call.
+
 PEFT format: ``export_peft`` writes the equivalent plain LoRA of rank ``2r`` on the *original*
 base weights — ``lora_A = [A; A₀]``, ``lora_B = [B, −B₀]``, ``lora_alpha`` doubled (×√2 for
 rsLoRA) so the scale is unchanged — which is PEFT's own "convert PiSSA/CorDA/OLoRA to LoRA"
@@ -34,84 +35,17 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.calibrate import LOAD_STATE
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
-from ..core.ops import DropoutLinear, LowRankLinear, autocast_on, keep_mask, lowrank_branch
+from ..core.ops import low_rank_apply
 from ..errors import ConfigError, ShapeMismatchError
 from .lora import Lora, LoraConfig
-
-ALL_KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
-
-
-def factor_dtype(view: LayerView) -> torch.dtype:
-    w = view.weight
-    return w.dtype if w.is_floating_point() else torch.float32
-
-
-@dataclass
-class InitConfig(AdapterConfig):
-    """rank: r; alpha: α (default r, so s = 1); dropout: on the adapter's input; rslora: s = α/√r."""
-
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
-    rslora: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
-        self._check(self.alpha is None or (isinstance(self.alpha, (int, float)) and self.alpha > 0),
-                    "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-                    "dropout", "dropout must be in [0, 1).")
-        self._check(isinstance(self.rslora, bool), "rslora", "use True or False.")
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank) if self.alpha is None else float(self.alpha)
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-
-def lowrank_forward(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                    scale: float, drop: float = 0.0) -> torch.Tensor:
-    """``base_out + scale · B (A drop(x))`` on any layer kind, never forming ``B A`` — LoRA's forward
-    (``methods/lora.py``: one autograd node on linear layers, saving ``x`` and a 1-byte dropout
-    mask only) with the factors given as tensors (they may be computed, e.g. concatenated)."""
-    linear = view.kind in ("linear", "hf_conv1d")
-    if linear and x.dtype == a.dtype == base_out.dtype and not autocast_on(x.device.type):
-        mask, keep = None, 1.0
-        if drop > 0:
-            keep = 1.0 - drop
-            mask = keep_mask(x, keep)
-        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
-                                        or base_out.requires_grad):
-            return LowRankLinear.apply(x, base_out, a, b, scale, mask, keep)
-        return lowrank_branch(x, base_out, a, b, scale / keep, mask)
-    if x.is_floating_point() and x.dtype != a.dtype:
-        x = x.to(a.dtype)
-    if drop > 0 and linear:
-        keep = 1.0 - drop
-        h = DropoutLinear.apply(x, a, keep_mask(x, keep), keep)
-    else:
-        if drop > 0 and x.is_floating_point():
-            x = F.dropout(x, drop, training=True)
-        h = view.apply_in(x, a)
-    if linear and base_out.dtype == h.dtype:
-        out2d = torch.addmm(base_out.reshape(-1, b.shape[0]), h.reshape(-1, b.shape[1]), b.t(), alpha=scale)
-        return out2d.view(base_out.shape)
-    return base_out + (view.apply_out(h, b) * scale).to(base_out.dtype)
 
 
 def pattern_key(keys, module: str) -> str | None:
@@ -124,27 +58,23 @@ def pattern_key(keys, module: str) -> str | None:
 class ResidualLowRank(Method):
     """``ΔW = s·(B A − B₀ A₀)`` with frozen ``A₀, B₀`` (see the module docstring).
 
-    Subclasses compute ``A₀ (r × in)`` and ``B₀ (out × r)`` and call :meth:`_setup`.
+    Subclasses implement :meth:`initial_factors` (``A₀ (r × in)``, ``B₀ (out × r)``); it is not
+    called when there is nothing to compute (:func:`no_data`: ``A, B, A₀, B₀`` start at zero then).
     """
 
-    kinds = ALL_KINDS
-    identity_at_init = True
     deterministic_init = True  # the init reads W0 (or data) only: the seed does not change it
-    merge_atol = 1e-5
-    reads_base = False
     default_lr = 3e-3  # LoRA's, as the init papers compare; on the demo task 3e-4 trails LoRA far behind
 
-    def _setup(self, view: LayerView, config: InitConfig, a0: torch.Tensor | None, b0: torch.Tensor | None) -> None:
-        """Register ``A, B`` (trainable copies of ``A₀, B₀``) and the buffers; ``None`` factors
-        (``LOAD_STATE``: the state is loaded next) give zeros of the right shapes."""
-        self.view, self.config, self.rank = view, config, config.rank
-        self.scale, self.drop = config.scale, config.dropout
-        dt = factor_dtype(view)
-        r, n_in, n_out = config.rank, view.in_features, view.out_features
-        if a0 is None:
-            a0, b0 = torch.zeros(r, n_in, dtype=dt), torch.zeros(n_out, r, dtype=dt)
-        a0 = a0.detach().to(dtype=dt, device=view.weight.device).contiguous()
-        b0 = b0.detach().to(dtype=dt, device=view.weight.device).contiguous()
+    def __init__(self, view: LayerView, config: RankAlphaConfig, generator=None, calibration=None):
+        super().__init__(view, config)
+        view.check_rank(config.rank, self.name)
+        self.rank, self.scale = config.rank, config.scale
+        r, n_in, n_out, kw = config.rank, view.in_features, view.out_features, view.factory_kwargs
+        if no_data(view, calibration):
+            a0, b0 = torch.zeros(r, n_in, **kw), torch.zeros(n_out, r, **kw)
+        else:
+            a0, b0 = (t.detach().to(**kw).contiguous() for t in self.initial_factors(view, config, generator,
+                                                                                      calibration))
         if a0.shape != (r, n_in) or b0.shape != (n_out, r):  # pragma: no cover - a subclass bug
             raise ShapeMismatchError(f"module '{view.name}': init factors {tuple(a0.shape)}, {tuple(b0.shape)} "
                                      f"do not fit rank {r} and weight {n_out}x{n_in}.")
@@ -153,6 +83,10 @@ class ResidualLowRank(Method):
         # a slice of a batched decomposition would keep the whole stack alive: own the storage
         self.register_buffer("init_A", _owned(a0))
         self.register_buffer("init_B", _owned(b0))
+
+    def initial_factors(self, view: LayerView, config, generator, calibration):
+        """``(A₀, B₀)`` for this layer (any float dtype and device: they are cast to the layer's)."""
+        raise NotImplementedError
 
     # ---- the update in factored form -------------------------------------------------------
     def trained(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,23 +112,23 @@ class ResidualLowRank(Method):
         return self.view.to_param((b @ a) * self.scale)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        if self.drop > 0 and self.training:
+        drop = self.config.dropout
+        if drop > 0 and self.training:
             a0, b0 = self.frozen()
             a, b = self.trained()
-            base_out = lowrank_forward(self.view, x, base_out, a0, b0, -self.scale)
-            return lowrank_forward(self.view, x, base_out, a, b, self.scale, self.drop)
+            base_out = low_rank_apply(self.view, x, base_out, a0, b0, -self.scale)
+            return low_rank_apply(self.view, x, base_out, a, b, self.scale, drop, True)
         a, b = self.factors()
-        return lowrank_forward(self.view, x, base_out, a, b, self.scale)
+        return low_rank_apply(self.view, x, base_out, a, b, self.scale)
 
     @classmethod
-    def num_params(cls, view: LayerView, config: InitConfig) -> int:
+    def num_params(cls, view: LayerView, config: RankAlphaConfig) -> int:
         return config.rank * (view.in_features + view.out_features)
-
     # ---- PEFT: export as the equivalent plain LoRA of rank 2r ---------------------------------
     peft_type = "LORA"
 
     @classmethod
-    def to_peft_config(cls, config: InitConfig, views: list[LayerView]) -> dict:
+    def to_peft_config(cls, config: RankAlphaConfig, views: list[LayerView]) -> dict:
         as_lora = LoraConfig(rank=2 * config.rank, alpha=converted_alpha(config.lora_alpha, config.rslora),
                              dropout=config.dropout, rslora=config.rslora)
         pcfg = Lora.to_peft_config(as_lora, views)
@@ -202,7 +136,7 @@ class ResidualLowRank(Method):
         return pcfg
 
     @classmethod
-    def peft_patterns(cls, config: InitConfig, adapters: dict[str, nn.Module]) -> dict:
+    def peft_patterns(cls, config: RankAlphaConfig, adapters: dict[str, nn.Module]) -> dict:
         """``rank_pattern`` / ``alpha_pattern`` for modules whose config differs from the adapter's."""
         ranks, alphas = {}, {}
         for name, ad in adapters.items():
@@ -268,6 +202,34 @@ def lora_peft_tensors(view: LayerView, a: torch.Tensor, b: torch.Tensor) -> dict
     return {"lora_A.weight": a.detach().contiguous(), "lora_B.weight": b.detach().contiguous()}
 
 
+class WeightSplit(ResidualLowRank):
+    """A residual init computed from ``W0`` alone: ``decompose`` factors a batch of layers (``plan``
+    runs it once over all targets, batched over equal shapes), ``split`` turns one layer's result
+    into ``(A₀, B₀)``."""
+
+    @classmethod
+    def decompose(cls, views: dict[str, LayerView], config, generator=None) -> dict[str, tuple]:
+        raise NotImplementedError
+
+    @classmethod
+    def split(cls, got: tuple, config) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def plan(cls, views, config, calibration, generator=None) -> dict:
+        for v in views.values():
+            v.check_rank(config.rank, cls.name)
+        for name, got in cls.decompose(views, config, generator).items():
+            calibration[name].extra["init"] = got
+        return {}
+
+    def initial_factors(self, view, config, generator, calibration):
+        got = planned(calibration, "init", config.rank)
+        if got is None:
+            got = self.decompose({view.name: view}, config, generator)[view.name]
+        return self.split(got, config)
+
+
 def svd_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float):
     """PiSSA's split of ``U diag(S) Vh`` into ``A₀ = √(S/s) Vh``, ``B₀ = U √(S/s)`` so that
     ``s · B₀ A₀ = U diag(S) Vh``."""
@@ -275,15 +237,18 @@ def svd_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float
     return root[:, None] * vh, u * root[None, :]
 
 
-def loading(calibration) -> bool:
-    return calibration is LOAD_STATE
+def no_data(view: LayerView, calibration) -> bool:
+    """Nothing to initialize from: the adapter's state is loaded next (``LOAD_STATE``), or the base
+    weight lives on the meta device (a model built for loading or FSDP; its values come later)."""
+    return calibration is LOAD_STATE or view.weight.is_meta
 
 
 def planned(calibration, key: str, rank: int):
     """The factors a method's ``plan`` left for this layer under ``key`` (batched over layers), if
-    they were computed for ``rank`` (``module_overrides`` may give a layer another rank)."""
+    they were computed for ``rank`` (``module_overrides`` may give a layer another rank); the last
+    factor of the tuple is ``(…, rank, in)`` (a ``Vh`` or ``R``)."""
     got = getattr(calibration, "extra", {}).get(key)
-    return got if got is not None and got[0].shape[-1] == rank else None
+    return got if got is not None and got[-1].shape[-2] == rank else None
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:

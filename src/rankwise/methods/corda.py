@@ -39,15 +39,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.registry import register
 from ..errors import CalibrationError, ConfigError
 from ..linalg import damped_inverse
-from ._init_common import InitConfig, ResidualLowRank, loading
+from ._init_common import ResidualLowRank
 
 
 @dataclass
-class CordaConfig(InitConfig):
+class CordaConfig(RankAlphaConfig):
     """mode: 'ipm' (instruction-previewed: top-r components) | 'kpm' (knowledge-preserved:
     bottom-r components); damp: initial relative ridge of the covariance."""
 
@@ -85,18 +86,13 @@ class Corda(ResidualLowRank):
     def calibration_options(cls, config: CordaConfig) -> dict:
         return {"cov_normalize": "max_per_call"}
 
-    def __init__(self, view: LayerView, config: CordaConfig, generator=None, calibration=None):
-        super().__init__(view, config)
-        view.check_rank(config.rank, self.name)
-        a0 = b0 = None
-        if not loading(calibration):
-            if calibration is None or getattr(calibration, "moments", None) is None:
-                raise CalibrationError(f"corda: module '{view.name}' got no input covariance; adapt with "
-                                       "rw.adapt(model, 'corda', ..., calibration=batches).")
-            u, s, vt = corda_factors(view.weight2d().detach(), calibration.cov, config.rank, config.mode, config.damp)
-            root = (s / config.scale).sqrt()
-            a0, b0 = root[:, None] * vt, u * root[None, :]
-        self._setup(view, config, a0, b0)
+    def initial_factors(self, view: LayerView, config: CordaConfig, generator, calibration):
+        if calibration is None or getattr(calibration, "moments", None) is None:
+            raise CalibrationError(f"corda: module '{view.name}' got no input covariance; adapt with "
+                                   "rw.adapt(model, 'corda', ..., calibration=batches).")
+        u, s, vt = corda_factors(view.weight2d().detach(), calibration.cov, config.rank, config.mode, config.damp)
+        root = (s / config.scale).sqrt()
+        return root[:, None] * vt, u * root[None, :]
 
     @classmethod
     def peft_accepts(cls, pcfg: dict) -> bool:

@@ -36,15 +36,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
+from ..core.method import Method
 from ..core.registry import register
 from ..errors import CalibrationError, ConfigError
-from ._init_common import InitConfig, factor_dtype, loading, pattern_key
+from ._init_common import no_data, pattern_key
 from .lora import Lora
 
 
 @dataclass
-class EvaConfig(InitConfig):
+class EvaConfig(RankAlphaConfig):
     """rho: max rank per layer is round(rho·rank) (≥ 1; 1 = no redistribution);
     whiten: divide components by √σ; adjust_scaling_factors: keep α/r per layer after redistribution;
     center: PCA of centered inputs (as PEFT) or SVD of the raw inputs;
@@ -78,7 +80,6 @@ class Eva(Lora):
     kinds = ("linear", "hf_conv1d")
     summary = "LoRA with A from the PCA of layer inputs, rank redistributed by explained variance (Paischer 2024)"
     calibration_needs = ("input_svd",)
-    identity_at_init = True
     deterministic_init = True  # a function of W0's inputs on the calibration data only
     peft_init = "eva"
 
@@ -111,14 +112,11 @@ class Eva(Lora):
         return out
 
     def __init__(self, view: LayerView, config: EvaConfig, generator=None, calibration=None):
-        nn.Module.__init__(self)
+        Method.__init__(self, view, config)
         view.check_rank(config.rank, self.name)
-        self.view, self.config, self.rank = view, config, config.rank
-        self.scale, self.drop = config.scale, config.dropout
-        dt = factor_dtype(view)
-        r = config.rank
-        a = torch.zeros(r, view.in_features, dtype=dt)
-        if not loading(calibration):
+        self.rank, self.scale, r = config.rank, config.scale, config.rank
+        a = torch.zeros(r, view.in_features, **view.factory_kwargs)
+        if not no_data(view, calibration):
             svd = getattr(calibration, "svd", None)
             if svd is None or svd.vh is None:
                 raise CalibrationError(f"eva: module '{view.name}' got no input statistics; adapt with "
@@ -131,10 +129,9 @@ class Eva(Lora):
                 )
             if config.whiten:
                 comps = comps / svd.s[:r].sqrt()[:, None]
-            a = comps.to(dt)
-        dev = view.weight.device
-        self.lora_A = nn.Parameter(a.to(dev).contiguous())
-        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, dtype=dt, device=dev))
+            a.copy_(comps)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **view.factory_kwargs))
 
     # ---- PEFT ----------------------------------------------------------------------------------
     @classmethod

@@ -19,7 +19,8 @@ choice —, ``int4`` or ``int8``).
 
 rankwise keeps the base weight ``W0`` untouched; the role of the base is played by the
 dequantized ``Q``, stored in the adapter as its packed codes and block maxima (buffers, 4 bits per
-weight for the 4-bit kinds). The update against the original weight is therefore exact::
+weight for the 4-bit kinds; the maxima in the adapter's dtype, so a bfloat16 model's ``Q`` carries one
+extra bf16 rounding of its block scale, at the level of the bf16 rounding of ``Q`` itself). The update against the original weight is therefore exact::
 
     ΔW = (Q − W0) + s · B A           (delta_weight(), merge(), export use this)
 
@@ -46,25 +47,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
+from ..core.ops import low_rank_apply
 from ..core.registry import register
 from ..errors import ConfigError, ShapeMismatchError
 from ..linalg import batched_map, truncated_svd
 from ..quant import KINDS, check_kind, dequantize, quantize, storage_shapes
-from ._init_common import (
-    InitConfig,
-    ResidualLowRank,
-    factor_dtype,
-    loading,
-    lora_peft_tensors,
-    lowrank_forward,
-    planned,
-    svd_factors,
-)
+from ._init_common import ResidualLowRank, lora_peft_tensors, no_data, planned, svd_factors
 
 
 @dataclass
-class LoftqConfig(InitConfig):
+class LoftqConfig(RankAlphaConfig):
     """quant: 'nf4' | 'int4' | 'int8' (rankwise.quant); block_size: elements per absmax block;
     iters: T alternations of quantize / SVD (PEFT's loftq_iter, default 1)."""
 
@@ -78,8 +72,7 @@ class LoftqConfig(InitConfig):
         self._check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool)
                     and self.block_size >= 2 and self.block_size % 2 == 0, "block_size",
                     "use an even integer ≥ 2 (64 is QLoRA's and PEFT's).")
-        self._check(isinstance(self.iters, int) and not isinstance(self.iters, bool) and self.iters >= 1, "iters",
-                    "use at least one quantize/SVD alternation.")
+        self._check_int("iters")
 
 
 def loftq_stack(w: torch.Tensor, config: LoftqConfig):
@@ -106,10 +99,8 @@ class Loftq(ResidualLowRank):
     kinds = ("linear", "hf_conv1d")
     summary = "quantized base Q + LoRA, Q and A,B from alternating quantize / SVD (Li et al. 2024); nf4/int4/int8"
     identity_at_init = False
-    deterministic_init = True
     reads_base = True
     computes_base = True
-    merge_atol = 1e-5
     peft_init = "loftq"
 
     @classmethod
@@ -124,32 +115,31 @@ class Loftq(ResidualLowRank):
         return {}
 
     def __init__(self, view: LayerView, config: LoftqConfig, generator=None, calibration=None):
-        super().__init__(view, config)
-        view.check_rank(config.rank, self.name)
         check_kind(config.quant, config.block_size)
-        n_data, n_blocks = storage_shapes(view.out_features * view.in_features, config.quant, config.block_size)
-        a0 = b0 = None
-        data = torch.zeros(n_data, dtype=torch.uint8)
-        absmax = torch.zeros(n_blocks, dtype=torch.float32)
-        if not loading(calibration):
-            got = planned(calibration, "loftq", config.rank) if calibration is not None else None
-            if got is None:
-                got = tuple(t[0] for t in loftq_stack(view.weight2d().detach()[None], config))
-            data, absmax, u, s, vh = got
-            a0, b0 = svd_factors(u, s, vh, config.scale)
-        dev = view.weight.device
-        self.register_buffer("q_data", data.to(dev).contiguous())
-        self.register_buffer("q_absmax", absmax.to(device=dev, dtype=torch.float32).contiguous())
-        self._setup(view, config, a0, b0)
+        super().__init__(view, config, generator, calibration)
+        if no_data(view, calibration):
+            n_data, n_blocks = storage_shapes(view.out_features * view.in_features, config.quant, config.block_size)
+            self._q = (torch.zeros(n_data, dtype=torch.uint8), torch.zeros(n_blocks))
+        data, absmax = self.__dict__.pop("_q")
+        self.register_buffer("q_data", data.to(view.weight.device).contiguous())
+        self.register_buffer("q_absmax", absmax.to(**view.factory_kwargs).contiguous())
         # the frozen buffers of ResidualLowRank are not subtracted here: ΔW = Q − W0 + s·B A
         self.init_A.zero_()
         self.init_B.zero_()
+
+    def initial_factors(self, view: LayerView, config: LoftqConfig, generator, calibration):
+        """``(A₀, B₀)``; the quantized codes and block maxima are left in ``self._q`` for ``__init__``."""
+        got = planned(calibration, "loftq", config.rank)
+        if got is None:
+            got = tuple(t[0] for t in loftq_stack(view.weight2d().detach()[None], config))
+        *self._q, u, s, vh = got
+        return svd_factors(u, s, vh, config.scale)
 
     def quantized_weight(self) -> torch.Tensor:
         """The dequantized ``Q`` in canonical ``(out, in)`` layout and the factors' dtype."""
         v = self.view
         return dequantize(self.q_data, self.q_absmax, (v.out_features, v.in_features), self.config.quant,
-                          self.config.block_size, factor_dtype(v))
+                          self.config.block_size, v.param_dtype)
 
     def factors(self):
         return self.lora_A, self.lora_B
@@ -164,8 +154,8 @@ class Loftq(ResidualLowRank):
             out = self.view.functional(x.to(q.dtype) if x.is_floating_point() else x, q)
         else:
             out = base_out + self.view.functional(x, q - self.view.weight2d().to(q.dtype), bias=False).to(base_out.dtype)
-        return lowrank_forward(self.view, x, out, self.lora_A, self.lora_B, self.scale,
-                               self.drop if self.training else 0.0)
+        return low_rank_apply(self.view, x, out, self.lora_A, self.lora_B, self.scale, self.config.dropout,
+                              self.training)
 
     # ---- PEFT ----------------------------------------------------------------------------------
     @classmethod

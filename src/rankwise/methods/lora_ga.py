@@ -4,28 +4,38 @@ arXiv:2407.05000).
 LoRA's first step changes the weight by ``ΔW₁ = −η s² (B Bᵀ G + G Aᵀ A)`` (``G = ∂L/∂W`` of full
 fine-tuning): with LoRA's random ``A`` and zero ``B`` that is a random projection of ``G``. LoRA-GA
 makes it match the full-FT step as well as rank allows by building ``A, B`` from the SVD of the
-gradient ``G`` averaged over a few calibration batches, ``G ≈ U S Vᵀ`` (top ``2r`` triplets)::
+gradient ``G`` averaged over a few calibration batches, ``G ≈ U S Vᵀ`` (top ``2r`` triplets).
+The default (``variant="official"``) is the paper's and the authors' code's init
+(Outsider565/LoRA-GA, ``lora_ga_init`` in its PEFT fork and ``reproduce/run_exp.py``)::
 
-    A₀ = V_{[:r]}ᵀ                         (r × in)    ("ArB2r", the paper's choice)
-    B₀ = c · U_{[r:2r]} diag(S_{[r:2r]})   (out × r)
+    A₀ = c · V_{[:r]}ᵀ       (r × in)       ("ArB2r", the paper's choice)
+    B₀ = c · U_{[r:2r]}      (out × r)      singular vectors only, no singular values
 
-so ``B Bᵀ G`` lives in ``span U_{[r:2r]}`` and ``G AᵀA = U_{[:r]} S_{[:r]} V_{[:r]}ᵀ``: the first
-update lies exactly in the top-``2r`` singular subspaces of ``G`` (column space ``U_{[:2r]}``, row
-space ``V_{[:2r]}``), the best rank-``2r`` region for a step along ``G``.
+Then ``G AᵀA = c² U_{[:r]} S_{[:r]} V_{[:r]}ᵀ`` and ``B BᵀG = c² U_{[r:2r]} S_{[r:2r]} V_{[r:2r]}ᵀ``, so
+the first SGD step is ``ΔW₁ = −η s² c² [G]_{2r}``: the best rank-``2r`` approximation of the full
+fine-tuning step (rank ``2r``), the paper's Theorem on gradient alignment.
 
-Scaling (``scale``), as PEFT 0.21's ``LoraGAConfig``:
+Scaling (``scale_mode``), as the official code:
 
-* ``"stable"`` (default): ``c = d_out^{1/4} / √γ`` (``stable_gamma`` ``γ``; the paper's
-  "stable scale", whose product ``B A`` grows like ``√d_out / γ`` so the output variance stays
-  ``O(1)`` as width grows);
-* ``"weight_svd"``: ``c = σ₁(W0) / S_B[0]``; ``"gd_scale"``: ``A₀, B₀`` divided by ``s = α/r``;
+* ``"stable"`` (default): ``c = d_out^{1/4} / √γ`` on *both* factors (``stable_gamma`` ``γ = 16``;
+  the paper's "stable scale": the product ``B A`` grows like ``√d_out / γ`` so the output variance
+  stays ``O(1)`` as width grows);
+* ``"weight_svd"`` (the code's ``weightS``): ``c = mean_i √(σ_i(W0) / s)`` over the top ``r``
+  singular values of ``W0`` (exact here; the code uses ``svd_lowrank(q=4r)``, equal to float
+  precision for these top values); ``"gd_scale"`` (``gd``): ``A₀, B₀`` divided by ``s = α/r``;
   ``"unit"``: ``c = 1``.
 
 ``direction`` picks which triplets go where: ``"ArB2r"`` (above), ``"A2rBr"`` (A from ``r:2r``,
-B from ``:r``), ``"ArBr"`` (A the odd, B the even indices), ``"random"`` (one random choice of
-``r`` indices for both, drawn from ``rw.adapt``'s generator). This is PEFT's ``lora_ga_init``
-exactly (B carries the singular values and the stable factor; the paper's listing spreads
-``c`` over both factors — the product and hence the model are the same up to that split).
+B from ``:r``), ``"ArBr"`` (A the odd, B the even indices), ``"random"`` (a random permutation of
+``0..2r−1``, drawn from ``rw.adapt``'s generator: A gets its first ``r`` indices, B the other ``r``).
+
+``variant="peft"`` is PEFT 0.21's ``lora_ga_init`` instead: ``B₀ = c · U_{[r:2r]} diag(S_{[r:2r]})``
+with the stable ``c`` on ``B₀`` only, ``A₀ = V_{[:r]}ᵀ``; ``weight_svd`` rescales ``B₀`` by
+``σ₁(W0) / S_B[0]``; ``random`` gives A and B the *same* ``r`` indices. There
+``B Bᵀ G = c² U S³ Vᵀ`` (over ``r:2r``) is negligible next to ``G AᵀA = [G]_r`` for a gradient of
+small singular values, so the first step is nearly ``−η s² [G]_r``: rank ``r``, not ``2r``, and
+``B₀`` is orders of magnitude smaller. It is kept to reproduce PEFT (the tests compare with PEFT
+0.21 in that mode); the PEFT *export* is the same rank-``2r`` LoRA for both variants.
 
 The base weight stays untouched: PEFT subtracts ``s·B₀A₀`` from ``W0`` so the model is unchanged
 at step 0; rankwise keeps ``A₀, B₀`` as frozen buffers, ``ΔW = s·(B A − B₀A₀)`` (see
@@ -51,25 +61,29 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.registry import register
 from ..errors import CalibrationError, ConfigError
 from ..linalg import randomized_svd, truncated_svd
-from ._init_common import InitConfig, ResidualLowRank, loading
+from ._init_common import ResidualLowRank
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 
 @dataclass
-class LoraGaConfig(InitConfig):
+class LoraGaConfig(RankAlphaConfig):
     """direction: which gradient singular triplets go to A and B (see module docstring);
-    scale: 'stable' | 'weight_svd' | 'gd_scale' | 'unit'; stable_gamma: γ of the stable scale;
-    svd: 'randomized' (4r test vectors, niter power iterations, as PEFT) or 'exact'."""
+    scale_mode: 'stable' | 'weight_svd' | 'gd_scale' | 'unit'; stable_gamma: γ of the stable scale;
+    variant: 'official' (the paper's code: singular vectors only, c on both factors) or 'peft'
+    (PEFT 0.21: B carries the singular values and c); svd: 'randomized' (4r test vectors, niter
+    power iterations, as both codes) or 'exact'."""
 
     direction: str = "ArB2r"
     scale_mode: str = "stable"
     stable_gamma: float = 16.0
+    variant: str = "official"
     svd: str = "randomized"
     niter: int = 4
 
@@ -79,9 +93,9 @@ class LoraGaConfig(InitConfig):
         self._check(self.scale_mode in SCALES, "scale_mode", f"use one of {list(SCALES)}.")
         self._check(isinstance(self.stable_gamma, (int, float)) and self.stable_gamma > 0, "stable_gamma",
                     "use a positive γ (16 is the paper's and PEFT's default).")
+        self._check(self.variant in ("official", "peft"), "variant", "use 'official' or 'peft'.")
         self._check(self.svd in ("randomized", "exact"), "svd", "use 'randomized' or 'exact'.")
-        self._check(isinstance(self.niter, int) and self.niter >= 0, "niter",
-                    "use a non-negative number of power iterations.")
+        self._check_int("niter", 0)
 
 
 def gradient_svd(grad: torch.Tensor, rank: int, config: LoraGaConfig, generator=None):
@@ -95,7 +109,7 @@ def gradient_svd(grad: torch.Tensor, rank: int, config: LoraGaConfig, generator=
 
 def lora_ga_factors(grad: torch.Tensor, weight: torch.Tensor, config: LoraGaConfig, generator=None):
     """``(A₀, B₀)`` of LoRA-GA from the mean gradient ``grad (out × in)`` (module docstring)."""
-    r = config.rank
+    r, peft = config.rank, config.variant == "peft"
     u, s, vh = gradient_svd(grad.float(), r, config, generator)
     k = s.shape[0]
     if k < 2 * r:  # fewer triplets than 2r: pad with zeros (those columns/rows start at zero)
@@ -110,17 +124,22 @@ def lora_ga_factors(grad: torch.Tensor, weight: torch.Tensor, config: LoraGaConf
     elif d == "ArBr":
         ia, ib = torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
     else:
-        ia = ib = torch.randperm(2 * r, generator=generator)[:r]
-    a0 = vh[ia]
-    s_b = s[ib]
-    b0 = u[:, ib] * s_b[None, :]
-    if config.scale_mode == "stable":
-        b0 = b0 * (grad.shape[0] ** 0.25 / config.stable_gamma ** 0.5)
-    elif config.scale_mode == "weight_svd":
+        perm = torch.randperm(2 * r, generator=generator)
+        ia, ib = perm[:r], (perm[:r] if peft else perm[r:])
+    a0, b0, s_b = vh[ia], u[:, ib], s[ib]
+    if peft:
+        b0 = b0 * s_b[None, :]
+    mode = config.scale_mode
+    if mode == "stable":
+        c = grad.shape[0] ** 0.25 / config.stable_gamma ** 0.5
+        a0, b0 = (a0 if peft else a0 * c), b0 * c
+    elif mode == "weight_svd" and peft:
         if s_b[0] > 0:
-            w_s1 = torch.linalg.matrix_norm(weight.float(), ord=2)
-            b0 = b0 * (w_s1 / s_b[0])
-    elif config.scale_mode == "gd_scale":
+            b0 = b0 * (torch.linalg.matrix_norm(weight.float(), ord=2) / s_b[0])
+    elif mode == "weight_svd":
+        c = (torch.linalg.svdvals(weight.float())[:r] / config.scale).sqrt().mean()
+        a0, b0 = a0 * c, b0 * c
+    elif mode == "gd_scale":
         a0, b0 = a0 / config.scale, b0 / config.scale
     return a0, b0
 
@@ -140,16 +159,11 @@ class LoraGa(ResidualLowRank):
         exact = self.config.svd == "exact" or 4 * self.rank >= min(self.view.out_features, self.view.in_features)
         return self.config.direction != "random" and exact
 
-    def __init__(self, view: LayerView, config: LoraGaConfig, generator=None, calibration=None):
-        super().__init__(view, config)
-        view.check_rank(config.rank, self.name)
-        a0 = b0 = None
-        if not loading(calibration):
-            if calibration is None or not hasattr(calibration, "grad"):
-                raise CalibrationError(f"lora_ga: module '{view.name}' got no gradient; adapt with "
-                                       "rw.adapt(model, 'lora_ga', ..., calibration=batches, loss_fn=...).")
-            a0, b0 = lora_ga_factors(calibration.grad, view.weight2d().detach(), config, generator)
-        self._setup(view, config, a0, b0)
+    def initial_factors(self, view: LayerView, config: LoraGaConfig, generator, calibration):
+        if calibration is None or not hasattr(calibration, "grad"):
+            raise CalibrationError(f"lora_ga: module '{view.name}' got no gradient; adapt with "
+                                   "rw.adapt(model, 'lora_ga', ..., calibration=batches, loss_fn=...).")
+        return lora_ga_factors(calibration.grad, view.weight2d().detach(), config, generator)
 
     # ---- PEFT ----------------------------------------------------------------------------------
     @classmethod

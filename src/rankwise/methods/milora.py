@@ -20,39 +20,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.layers import LayerView
+from ..core.config import RankAlphaConfig
 from ..core.registry import register
-from ._init_common import InitConfig, ResidualLowRank, loading, planned, svd_factors
+from ._init_common import WeightSplit, svd_factors
 from .pissa import weight_svds
 
 
 @dataclass
-class MiloraConfig(InitConfig):
+class MiloraConfig(RankAlphaConfig):
     """rank, alpha, dropout, rslora as LoRA; the adapter starts at the minor singular components."""
 
 
 @register("milora")
-class Milora(ResidualLowRank):
+class Milora(WeightSplit):
     """``ΔW = s·(BA − B₀A₀)``, ``B₀A₀`` the bottom-r SVD part of ``W0`` (see module docstring)."""
 
     Config = MiloraConfig
     summary = "A,B from the smallest r singular triplets of W0, principal part frozen (Wang et al. 2024)"
 
     @classmethod
-    def plan(cls, views, config: MiloraConfig, calibration, generator=None) -> dict:
-        for v in views.values():
-            v.check_rank(config.rank, cls.name)
-        for name, usv in weight_svds(views, config.rank, smallest=True).items():
-            calibration[name].extra["svd"] = usv
-        return {}
+    def decompose(cls, views, config: MiloraConfig, generator=None) -> dict:
+        return weight_svds(views, config.rank, smallest=True)
 
-    def __init__(self, view: LayerView, config: MiloraConfig, generator=None, calibration=None):
-        super().__init__(view, config)
-        view.check_rank(config.rank, self.name)
-        a0 = b0 = None
-        if not loading(calibration):
-            usv = planned(calibration, "svd", config.rank)
-            if usv is None:
-                usv = weight_svds({view.name: view}, config.rank, smallest=True)[view.name]
-            a0, b0 = svd_factors(*usv, config.scale)
-        self._setup(view, config, a0, b0)
+    @classmethod
+    def split(cls, usv, config: MiloraConfig):
+        return svd_factors(*usv, config.scale)

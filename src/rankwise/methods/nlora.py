@@ -13,15 +13,28 @@ NLoRA initializes the three factors by the Nyström approximation of ``W0`` — 
 
 so ``s · B₀ N₀ A₀ = W0[:, J] W0[I, J]⁺ W0[I, :]`` (the CUR/Nyström approximation from the first
 ``r`` rows and columns, exact when ``rank W0 ≤ r``), resp. the randomized Nyström approximation
-with the error stated in :func:`rankwise.linalg.nystrom_svd`. The paper's reference code takes
-the first ``r`` rows/columns; it sets ``N₀ = W0[:r, :r]`` itself, which ``core="submatrix"``
-reproduces — the default ``core="pinv"`` uses the pseudo-inverse, which is what makes
-``B₀N₀A₀`` the Nyström approximation of ``W0``.
+with the error stated in :func:`rankwise.linalg.nystrom_svd`. For an unstructured weight the
+first-``r`` CUR approximation can be far worse than zero (``W0[:r,:r]`` is ill-conditioned, so
+``N₀`` is large); ``landmarks="gaussian"`` is the stable choice there.
 
 As for PiSSA, the approximation moves from the frozen weight into the adapter: rankwise keeps
 ``W0`` untouched and the adapter holds ``A₀, N₀, B₀`` (``ΔW = s·(B N A − B₀ N₀ A₀)``, see
 ``_init_common.py``), so the model is the base model exactly at init. ``inttune=True`` trains
 ``N`` only (IntTune: ``r²`` parameters per layer; ``A, B`` stay at their init).
+
+Deviations from the reference code (TracyGuo2001/NLoRA, ``nlora_init`` in its PEFT fork), kept
+on purpose:
+
+* its ``N₀`` is ``W0[:r, :r]`` itself (the ``pinv`` is commented out); ``core="submatrix"`` uses
+  that core, the default ``core="pinv"`` the pseudo-inverse, which is what makes ``B₀N₀A₀`` the
+  Nyström approximation of ``W0`` the paper describes;
+* it does **not** subtract anything from ``W0``: its forward is ``W0 x + s·B N A x``, so its model
+  at init is ``W0 + s·W0[:, :r] W0[:r, :r] W0[:r, :]``, not ``W0``. rankwise subtracts
+  ``s·B₀N₀A₀`` (residual form: the base model at init, like every other init here), and divides
+  ``N₀`` by ``s`` so that ``s·B₀N₀A₀`` is the approximation itself. So ``core="submatrix"``
+  reproduces the reference's *factors* (exactly at ``s = 1``, ``alpha = rank``, the default), not
+  its *model*: for the same factors the two weights differ by the constant ``s·B₀N₀A₀``, at init
+  and after (so training starts from, and follows, a different point).
 
 Parameters per layer: ``r·(in + out) + r²`` (``r²`` with IntTune). PEFT has no NLoRA;
 ``export_peft`` writes the equivalent rank-``2r`` LoRA (``[NA; N₀A₀]``, ``[B, −B₀]``).
@@ -34,14 +47,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.registry import register
 from ..linalg import cur_nystrom, nystrom_svd
-from ._init_common import InitConfig, ResidualLowRank, factor_dtype, loading
+from ._init_common import ResidualLowRank, no_data
 
 
 @dataclass
-class NloraConfig(InitConfig):
+class NloraConfig(RankAlphaConfig):
     """landmarks: 'first' (first r rows/columns, the paper's code) | 'gaussian' (random sketches);
     core: 'pinv' (Nyström) | 'submatrix' (the reference code's N₀ = W0[:r,:r]);
     oversample: extra sketch columns for 'gaussian'; inttune: train N only."""
@@ -57,8 +71,7 @@ class NloraConfig(InitConfig):
         self._check(self.core in ("pinv", "submatrix"), "core", "use 'pinv' or 'submatrix'.")
         self._check(self.core == "pinv" or self.landmarks == "first", "core",
                     "core='submatrix' is defined for landmarks='first' only.")
-        self._check(isinstance(self.oversample, int) and self.oversample >= 0, "oversample",
-                    "use a non-negative number of extra sketch columns.")
+        self._check_int("oversample", 0)
         self._check(isinstance(self.inttune, bool), "inttune", "use True or False.")
 
 
@@ -74,30 +87,28 @@ class Nlora(ResidualLowRank):
         return self.config.landmarks == "first"
 
     def __init__(self, view: LayerView, config: NloraConfig, generator=None, calibration=None):
-        super().__init__(view, config)
-        view.check_rank(config.rank, self.name)
-        r, dt = config.rank, factor_dtype(view)
-        a0 = b0 = n0 = None
-        if not loading(calibration):
-            w = view.weight2d().detach()
-            if config.landmarks == "first":
-                idx = torch.arange(r)
-                b0, n0, a0 = cur_nystrom(w, idx, idx)
-                if config.core == "submatrix":
-                    n0 = w[:r, :r].float()
-            else:
-                u, s, vh = nystrom_svd(w, r, oversample=config.oversample, generator=generator)
-                b0, n0, a0 = u, torch.diag(s), vh
-            n0 = n0 / config.scale
-        self._setup(view, config, a0, b0)
-        n0 = torch.zeros(r, r, dtype=dt) if n0 is None else n0
-        n0 = n0.detach().to(dtype=dt, device=view.weight.device).contiguous()
+        super().__init__(view, config, generator, calibration)
+        n0 = torch.zeros(config.rank, config.rank) if no_data(view, calibration) else self.__dict__.pop("_n0")
+        n0 = n0.detach().to(**view.factory_kwargs).contiguous()
         self.lora_N = nn.Parameter(n0.clone())
         self.register_buffer("init_N", n0)
         if config.inttune:
             self.lora_A.requires_grad_(False)
             self.lora_B.requires_grad_(False)
 
+    def initial_factors(self, view, config: NloraConfig, generator, calibration):
+        """``(A₀, B₀)``; ``N₀`` is left in ``self._n0`` for ``__init__``."""
+        r, w = config.rank, view.weight2d().detach()
+        if config.landmarks == "first":
+            idx = torch.arange(r)
+            b0, n0, a0 = cur_nystrom(w, idx, idx)
+            if config.core == "submatrix":
+                n0 = w[:r, :r].float()
+        else:
+            b0, s, a0 = nystrom_svd(w, r, oversample=config.oversample, generator=generator)
+            n0 = torch.diag(s)
+        self._n0 = n0 / config.scale
+        return a0, b0
     def trained(self):
         return self.lora_A, self.lora_B @ self.lora_N
 

@@ -21,30 +21,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.layers import LayerView
+from ..core.config import RankAlphaConfig
 from ..core.registry import register
 from ..linalg import batched_map, qr_positive
-from ._init_common import InitConfig, ResidualLowRank, loading, planned
+from ._init_common import WeightSplit
 
 
 @dataclass
-class OloraConfig(InitConfig):
+class OloraConfig(RankAlphaConfig):
     """rank, alpha, dropout, rslora as LoRA; the adapter starts at the first r QR components."""
 
 
-def weight_qrs(views: dict[str, LayerView], rank: int) -> dict[str, tuple]:
-    """``(Q[:, :r], R[:r])`` of every view's ``W0``, batched over equal shapes."""
-    names = list(views)
-    def first_r(stack):
-        q, r = qr_positive(stack)  # the full Q, R are freed as soon as the first r are copied out
-        return q[..., :rank].contiguous(), r[..., :rank, :].contiguous()
-
-    res = batched_map(first_r, [views[n].weight2d().detach() for n in names])
-    return dict(zip(names, res))
-
-
 @register("olora")
-class Olora(ResidualLowRank):
+class Olora(WeightSplit):
     """``ΔW = s·(BA − B₀A₀)`` with ``B₀ = Q_r``, ``A₀ = R_r`` from ``W0 = QR`` (see module docstring)."""
 
     Config = OloraConfig
@@ -52,23 +41,18 @@ class Olora(ResidualLowRank):
     peft_init = "olora"
 
     @classmethod
-    def plan(cls, views, config: OloraConfig, calibration, generator=None) -> dict:
-        for v in views.values():
-            v.check_rank(config.rank, cls.name)
-        for name, qr in weight_qrs(views, config.rank).items():
-            calibration[name].extra["qr"] = qr
-        return {}
+    def decompose(cls, views, config: OloraConfig, generator=None) -> dict:
+        """``(Q[:, :r], R[:r])`` of every view's ``W0``, batched over equal shapes."""
+        def first_r(stack):
+            q, r = qr_positive(stack)  # the full Q, R are freed as soon as the first r are copied out
+            return q[..., :config.rank].contiguous(), r[..., :config.rank, :].contiguous()
 
-    def __init__(self, view: LayerView, config: OloraConfig, generator=None, calibration=None):
-        super().__init__(view, config)
-        view.check_rank(config.rank, self.name)
-        a0 = b0 = None
-        if not loading(calibration):
-            qr = planned(calibration, "qr", config.rank)
-            if qr is None:
-                qr = weight_qrs({view.name: view}, config.rank)[view.name]
-            b0, a0 = qr
-        self._setup(view, config, a0, b0)
+        return dict(zip(views, batched_map(first_r, [v.weight2d().detach() for v in views.values()])))
+
+    @classmethod
+    def split(cls, qr, config: OloraConfig):
+        q, r = qr
+        return r, q
 
     @classmethod
     def peft_accepts(cls, pcfg: dict) -> bool:

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.registry import register
 from ..errors import ConfigError
 from ..linalg import batched_map, randomized_svd, truncated_svd
-from ._init_common import InitConfig, ResidualLowRank, loading, planned, svd_factors
+from ._init_common import WeightSplit, svd_factors
 
 
 @dataclass
-class PissaConfig(InitConfig):
+class PissaConfig(RankAlphaConfig):
     """niter: 0 = exact SVD, K > 0 = randomized SVD with K power iterations;
     oversample: extra random test vectors for the randomized SVD."""
 
@@ -46,10 +47,8 @@ class PissaConfig(InitConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.niter, int) and self.niter >= 0, "niter",
-                    "use 0 for the exact SVD or a positive number of power iterations.")
-        self._check(isinstance(self.oversample, int) and self.oversample >= 0, "oversample",
-                    "use a non-negative number of extra test vectors.")
+        self._check_int("niter", 0)
+        self._check_int("oversample", 0)
 
 
 def weight_svds(views: dict[str, LayerView], rank: int, *, smallest: bool = False, niter: int = 0,
@@ -67,7 +66,7 @@ def weight_svds(views: dict[str, LayerView], rank: int, *, smallest: bool = Fals
 
 
 @register("pissa")
-class Pissa(ResidualLowRank):
+class Pissa(WeightSplit):
     """``ΔW = s·(BA − B₀A₀)``, ``B₀A₀`` the top-r SVD part of ``W0`` (see module docstring)."""
 
     Config = PissaConfig
@@ -79,25 +78,13 @@ class Pissa(ResidualLowRank):
         return self.config.niter == 0
 
     @classmethod
-    def plan(cls, views, config: PissaConfig, calibration, generator=None) -> dict:
-        for v in views.values():
-            v.check_rank(config.rank, cls.name)
-        svds = weight_svds(views, config.rank, niter=config.niter, oversample=config.oversample, generator=generator)
-        for name, usv in svds.items():
-            calibration[name].extra["svd"] = usv
-        return {}
+    def decompose(cls, views, config: PissaConfig, generator=None) -> dict:
+        return weight_svds(views, config.rank, niter=config.niter, oversample=config.oversample,
+                           generator=generator)
 
-    def __init__(self, view: LayerView, config: PissaConfig, generator=None, calibration=None):
-        super().__init__(view, config)
-        view.check_rank(config.rank, self.name)
-        a0 = b0 = None
-        if not loading(calibration):
-            usv = planned(calibration, "svd", config.rank)
-            if usv is None:
-                usv = weight_svds({view.name: view}, config.rank, niter=config.niter,
-                                  oversample=config.oversample, generator=generator)[view.name]
-            a0, b0 = svd_factors(*usv, config.scale)
-        self._setup(view, config, a0, b0)
+    @classmethod
+    def split(cls, usv, config: PissaConfig):
+        return svd_factors(*usv, config.scale)
 
     # ---- PEFT ----------------------------------------------------------------------------------
     @classmethod
