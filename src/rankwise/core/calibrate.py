@@ -274,9 +274,14 @@ def _needs_of(cls) -> tuple[str, ...]:
 
 def prepare(model: nn.Module, cls, config, views: dict[str, LayerView], calibration, loss_fn=None):
     """What ``rw.adapt`` passes on: a :class:`Calibration` for methods that need data or have a
-    ``plan``, :data:`LOAD_STATE` unchanged, otherwise ``calibration`` as given."""
+    ``plan``, :data:`LOAD_STATE` unchanged (and for such methods on a meta-device model), otherwise
+    ``calibration`` as given."""
     needs = _needs_of(cls)
     if calibration is LOAD_STATE:
+        return LOAD_STATE
+    if (needs or cls.plan is not None) and views and all(v.weight.device.type == "meta" for v in views.values()):
+        # a meta-device model (FSDP, big-model loading) has no values to compute statistics from:
+        # build the adapter's structure, as for loading a saved state; load or initialize after to_empty
         return LOAD_STATE
     if isinstance(calibration, Calibration):
         missing = [n for n in views if n not in calibration]
