@@ -18,7 +18,9 @@ from autograd, as the DoRA paper (Sec. 4.3) suggests and PEFT does.
 * :func:`dora_forward` — the activation view ``base_out + (g−1)⊙(base_out − bias) + g⊙s·B(A x)``
   (PEFT's formula; with dropout ``p > 0`` in training, ``base_out − bias`` is recomputed on the
   dropped input, also as PEFT does). On linear layers it is one autograd node
-  (:class:`_DoraLinear`) that saves ``base_out`` and ``x`` (or, for a frozen ``A``, ``A x``).
+  (:class:`_DoraLinear`) that saves ``base_out`` and ``x`` (or, for a frozen ``A``, ``A x``);
+  elsewhere (other kinds, dropout, autocast, mixed dtypes) the low-rank term goes through
+  ``core.ops.low_rank_apply`` with ``diag(g) B``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.layers import LayerView
-from ..core.ops import autocast_on
+from ..core.ops import autocast_on, low_rank_apply
 
 
 def channel_view(v: torch.Tensor, view: LayerView, ndim: int) -> torch.Tensor:
@@ -156,9 +158,8 @@ def dora_forward(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a: to
                  g: torch.Tensor, scale: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
     """The adapted output ``diag(g)(W0 + s·BA) x + bias`` of ``view``'s layer (see module docstring)."""
     bias = None if view.kind == "embedding" else view.base.bias
-    linear = view.kind in ("linear", "hf_conv1d")
     dropping = dropout > 0 and training
-    if (linear and not dropping and x.dtype == a.dtype == b.dtype == base_out.dtype == g.dtype
+    if (view.is_linear and not dropping and x.dtype == a.dtype == b.dtype == base_out.dtype == g.dtype
             and (bias is None or bias.dtype == g.dtype) and not autocast_on(x.device.type)):
         return _DoraLinear.apply(x, base_out, a, b, g, None if bias is None else bias.detach(), scale)
     if x.is_floating_point() and x.dtype != a.dtype:
@@ -169,6 +170,6 @@ def dora_forward(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a: to
         base_term = view.functional(x, w0 if w0.dtype == x.dtype else w0.to(x.dtype), bias=False)
     else:
         base_term = base_out if bias is None else base_out - channel_view(bias.detach(), view, base_out.dim())
-    lora = view.apply_out(view.apply_in(x, a), b)
     gv = channel_view(g, view, base_out.dim())
-    return base_out + ((gv - 1) * base_term + (gv * scale) * lora).to(base_out.dtype)
+    rescaled = base_out + ((gv - 1) * base_term).to(base_out.dtype)
+    return low_rank_apply(view, x, rescaled, a, b * g[:, None].to(b.dtype), scale)

@@ -8,11 +8,20 @@ with one trainable magnitude per output unit and one per input unit::
     H  = diag(m_row / ‖V‖_row) V                       normalize each output row, scale by m_row
     W  = H diag(m_col / ‖H‖_col)                       normalize each input column, scale by m_col
 
-``m_row ∈ R^out`` and ``m_col ∈ R^in`` start at ``‖W0‖_row`` and ``‖W0‖_col``, and ``B = 0``
-(LoRA's init; for embeddings ``A = 0``), so ``W = W0`` exactly at init. Both norms are treated as
-constants in backward (detached, DoRA/PEFT's convention); ``A``, ``B``, ``m_row`` and ``m_col``
-get gradients through the numerators. The order (rows, then columns) follows the paper's two
-sequential normalization steps.
+``m_row ∈ R^out`` and ``m_col ∈ R^in`` are trained with LoRA's ``A`` and ``B``.
+
+No reference code is published (only the paper), so these choices are rankwise's; each follows
+DoRA (Liu et al.) and PEFT's DoRA, which the paper extends:
+
+* the order: rows first, then columns (the abstract names both normalizations, not their order;
+  the other order gives a different ``W`` once ``B ≠ 0``);
+* both norms are detached (constants in backward), as DoRA's Sec. 4.3 and PEFT do; ``A``, ``B``,
+  ``m_row``, ``m_col`` get gradients through the numerators;
+* init: LoRA's (``A`` Kaiming-uniform, ``B = 0``; for embeddings ``A = 0``, ``B ~ N(0, 1)``),
+  ``m_row = ‖W0‖_row`` and ``m_col = ‖W0‖_col``, so ``W = W0`` exactly at init;
+* ``s = α/r`` with ``α = r`` by default (LoRA's scaling);
+* dropout ``p > 0`` applies to the input of the update ``W − W0`` only (DoRA/PEFT's semantics):
+  ``y = W0 x + b + (W − W0) drop(x)``.
 
 Cost: the update ``diag(r) (W0 + s·BA) diag(c) − W0`` is full rank (``W0`` is rescaled on both
 sides), so unlike DoRA no low-rank activation path exists: the activation view forms ``W``
@@ -26,38 +35,23 @@ The update reads ``W0`` (``reads_base``). Parameters per layer: ``r (in + out) +
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import kaiming_bound, normal_, uniform_
 from ..core.registry import register
+from .lora import LoraConfig
 
 
 @dataclass
-class BoraConfig(AdapterConfig):
-    """rank: r; alpha: s = α/r (None: α = r); rslora: s = α/√r; init: 'kaiming' | 'gaussian' (LoRA's)."""
-
-    rank: int = 8
-    alpha: float | None = None
-    rslora: bool = False
-    init: str = "kaiming"
-
-    def __post_init__(self):
-        super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(self.init in ("kaiming", "gaussian"), "init", "use 'kaiming' or 'gaussian'.")
-
-    @property
-    def scale(self) -> float:
-        alpha = float(self.rank) if self.alpha is None else float(self.alpha)
-        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+class BoraConfig(LoraConfig):
+    """LoRA's options: rank, alpha (s = α/r; None: α = r), dropout, rslora (s = α/√r), init
+    ('kaiming' | 'gaussian'); the two magnitude vectors are added."""
 
 
 def _row_norm(v: torch.Tensor) -> torch.Tensor:
@@ -73,38 +67,31 @@ class Bora(Method):
     """Row and column magnitudes around a LoRA-updated direction (see module docstring)."""
 
     Config = BoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "W = (m_row/‖V‖_row) V (m_col/‖·‖_col), V = W0+sBA: magnitudes on rows and columns (Wang et al. 2024)"
-    identity_at_init = True
     reads_base = True
     computes_base = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: BoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        view.check_rank(config.rank, "bora")
-        self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
-        w = view.weight
-        kw = {"dtype": w.dtype if w.is_floating_point() else torch.float32}
-        r, n_in, n_out = config.rank, view.in_features, view.out_features
+        view.check_rank(config.rank, self.name)
+        self.rank, self.scale = config.rank, config.scale
+        r, n_in, kw = config.rank, view.in_features, view.factory_kwargs
         self.lora_A = nn.Parameter(torch.empty(r, n_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **kw))
+        if view.kind == "embedding":  # as LoRA: the lookup side starts at zero, B random
+            self.lora_A.data.zero_()
+            normal_(self.lora_B, 1.0, generator)
+        elif config.init == "gaussian":
+            normal_(self.lora_A, 1.0 / r, generator)
+        else:
+            uniform_(self.lora_A, kaiming_bound(n_in), generator)
         with torch.no_grad():
-            if view.kind == "embedding":  # as LoRA: the lookup side starts at zero, B random
-                self.lora_A.zero_()
-                self.lora_B.normal_(generator=generator)
-            elif config.init == "gaussian":
-                self.lora_A.normal_(0.0, 1.0 / r, generator=generator)
-            else:
-                bound = 1.0 / math.sqrt(n_in)
-                self.lora_A.uniform_(-bound, bound, generator=generator)
             v = self._direction()
             m_row = _row_norm(v)
             h = v * (m_row / _row_norm(v))[:, None]  # the forward's own operations: exactly v here
-            m_col = _col_norm(h)
-        self.m_row = nn.Parameter(m_row)
-        self.m_col = nn.Parameter(m_col)
+            self.m_row = nn.Parameter(m_row)
+            self.m_col = nn.Parameter(_col_norm(h))
 
     @classmethod
     def num_params(cls, view: LayerView, config: BoraConfig) -> int:
@@ -126,13 +113,18 @@ class Bora(Method):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
         w = self.adapted_weight()
-        w0 = self.view.weight2d()
+        w0 = self.view.weight2d().detach()
+        w0 = w0.to(w.dtype) if not w0.is_floating_point() else w0
         if x.is_floating_point() and x.dtype != w.dtype:
             x = x.to(w.dtype)
-        if base_out is None:  # first adapter of the layer: one product with W (computes_base)
-            return self.view.functional(x, w.to(w0.dtype) if w0.is_floating_point() else w)
-        delta = w - w0.detach().to(w.dtype)
-        return base_out + self.view.functional(x, delta, bias=False).to(base_out.dtype)
+        p = self.config.dropout
+        if p > 0 and self.training:  # the update sees drop(x), the base x (DoRA/PEFT's semantics)
+            if base_out is None:
+                base_out = self.view.functional(x, w0)
+            x = F.dropout(x, p, training=True)
+        elif base_out is None:  # first adapter of the layer: one product with W (computes_base)
+            return self.view.functional(x, w.to(w0.dtype))
+        return base_out + self.view.functional(x, w - w0.to(w.dtype), bias=False).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         w = self.adapted_weight()

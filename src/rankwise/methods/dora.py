@@ -51,20 +51,14 @@ class Dora(Lora):
     """Magnitude × normalized LoRA-updated direction (see module docstring)."""
 
     Config = DoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "W = m·(W0+sBA)/‖W0+sBA‖_row, norm from W0Aᵀ and AAᵀ, never BA (Liu et al. 2024)"
-    identity_at_init = True
     reads_base = True
-    merge_atol = 1e-5
-    default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: DoraConfig, generator=None, calibration=None):
-        view.check_rank(config.rank, "dora")
-        super().__init__(view, config, generator=generator, calibration=calibration)
+        super().__init__(view, config, generator=generator, calibration=calibration)  # A, B on W0's device
         self.stats = BaseStats(view)
         with torch.no_grad():
-            n2 = self._norm_sq()
-        self.magnitude = nn.Parameter(n2.sqrt())
+            self.magnitude = nn.Parameter(self._norm_sq().sqrt())
 
     @classmethod
     def num_params(cls, view: LayerView, config: DoraConfig) -> int:

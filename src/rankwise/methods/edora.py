@@ -9,7 +9,7 @@ DoRA's decomposition with frozen SVD factors and a small trainable core between 
 as in the authors' code (built on LoRA-XS: ``A`` carries the singular values, ``B`` the left
 singular vectors). Init: ``R ~ N(0, init_std²)`` (the reference's ``σ = 1e-5``; ``init_std=0``
 gives an exact identity at init), ``m = ‖W0‖_row``; ``s = α/r``. The norm is detached in
-backward, as in DoRA/PEFT.
+backward, as in DoRA/PEFT. Dropout (default 0) acts on the adapter's input, as DoRA's.
 
 Cost: ``W0 Aᵀ`` and ``A Aᵀ`` depend only on frozen tensors and are cached (recomputed only when
 ``W0`` changes), so the per-step norm ``‖W0‖² + 2s⟨W0, BRA⟩ + s²‖BRA‖²`` costs ``O(out·r²)``;
@@ -29,33 +29,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import normal_
 from ..core.registry import register
 from ._dora_common import BaseStats, dora_forward, row_norm_sq
 
 
 @dataclass
-class EdoraConfig(AdapterConfig):
+class EdoraConfig(RankAlphaConfig):
     """rank: r (SVD rank of the frozen factors, size of the trained r×r core); alpha: s = α/r
-    (None: α = r); init_std: standard deviation of the core's Gaussian init (0: exact identity)."""
+    (None: α = r); dropout: on the adapter's input; rslora: s = α/√r; init_std: standard deviation
+    of the core's Gaussian init (0: exact identity)."""
 
-    rank: int = 8
-    alpha: float | None = None
     init_std: float = 1e-5
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
         self._check(math.isfinite(self.init_std) and self.init_std >= 0, "init_std",
                     "init_std must be a finite number ≥ 0 (the reference uses 1e-5).")
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
 
 
 @torch.no_grad()
@@ -67,9 +60,8 @@ def svd_factors(view: LayerView, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32
     u, s, vt = torch.linalg.svd(w.to(dt), full_matrices=False)
     u, s, vt = u[:, :rank], s[:rank], vt[:rank]
-    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True))).squeeze(0)
-    sign[sign == 0] = 1
-    out_dt = w.dtype if w.is_floating_point() else torch.float32
+    sign = torch.where(u.gather(0, u.abs().argmax(0, keepdim=True)).squeeze(0) < 0, -1.0, 1.0).to(dt)
+    out_dt = view.param_dtype
     return (u * sign).to(out_dt).contiguous(), ((s * sign)[:, None] * vt).to(out_dt).contiguous()
 
 
@@ -78,26 +70,22 @@ class Edora(Method):
     """DoRA with frozen SVD factors and a trainable ``r × r`` core (see module docstring)."""
 
     Config = EdoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "DoRA with frozen SVD factors U_r, S_rV_rᵀ and a trained r×r core + magnitudes (Nasiri 2025)"
     identity_at_init = False  # R starts at N(0, init_std²), not 0 (init_std=0 is exact)
     reads_base = True
-    merge_atol = 1e-5
     default_lr = 1e-2
     demo_options = {"rank": 16}
 
     def __init__(self, view: LayerView, config: EdoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        view.check_rank(config.rank, "edora")
-        self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
+        view.check_rank(config.rank, self.name)
+        self.rank, self.scale = config.rank, config.scale
         u, a = svd_factors(view, config.rank)
         self.register_buffer("edora_B", u, persistent=False)
         self.register_buffer("edora_A", a, persistent=False)
-        r = config.rank
-        self.edora_R = nn.Parameter(torch.zeros(r, r, dtype=u.dtype))
+        self.edora_R = nn.Parameter(torch.zeros(config.rank, config.rank, **view.factory_kwargs))
         if config.init_std > 0:
-            with torch.no_grad():
-                self.edora_R.normal_(0.0, config.init_std, generator=generator)
+            normal_(self.edora_R, config.init_std, generator)
         self.stats = BaseStats(view)
         with torch.no_grad():
             self.magnitude = nn.Parameter(self.stats.w0sq(u.dtype).sqrt())
@@ -113,7 +101,8 @@ class Edora(Method):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         b_eff = self.edora_B @ self.edora_R  # out × r
-        return dora_forward(self.view, x, base_out, self.edora_A, b_eff, self.scale_vector(b_eff), self.scale)
+        return dora_forward(self.view, x, base_out, self.edora_A, b_eff, self.scale_vector(b_eff), self.scale,
+                            self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         b_eff = self.edora_B @ self.edora_R

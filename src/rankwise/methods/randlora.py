@@ -39,42 +39,30 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
 from ..core.layers import LayerView
-from ..core.method import Method
+from ..core.ops import low_rank_apply
 from ..core.registry import register
-from ..errors import ConfigError, ShapeMismatchError
-from ._shared_bases import SeededBases, draw_seed, largest_dims
-from ._structured_common import require_peft_kinds
+from ._shared_bases import SeededBases, SharedBasesConfig, SharedBasesMethod
 
 
 @dataclass
-class RandloraConfig(AdapterConfig):
+class RandloraConfig(SharedBasesConfig):
     """rank: r of each random basis (fewer trained parameters as r grows: n = ⌈min(out,in)/r⌉ bases);
-    alpha: s = α/r (None: α = 20·r, s = 20: PEFT's 640 at its r = 32); dropout: on the adapter's input;
-    projection_seed: seed of the shared bases (None: drawn from the adapter's generator);
-    save_projection: store the bases in saved files; sparse / very_sparse: ternary bases."""
+    alpha: s = α/r (None: α = 20·r, s = 20: PEFT's 640 at its r = 32); sparse / very_sparse: ternary
+    bases; dropout, projection_seed, save_projection: see ``SharedBasesConfig``."""
 
     rank: int = 32
     alpha: float | None = None
-    dropout: float = 0.0
-    projection_seed: int | None = None
-    save_projection: bool = False
     sparse: bool = False
     very_sparse: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
         self._check(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0), "alpha",
                     "alpha must be a positive number (or None: 20·rank, as PEFT recommends).")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
-        self._check(self.projection_seed is None or (isinstance(self.projection_seed, int)
-                                                     and 0 <= self.projection_seed < 2**63),
-                    "projection_seed", "use None (drawn from the generator) or an integer in [0, 2**63).")
 
     @property
     def randlora_alpha(self) -> float:
@@ -94,9 +82,12 @@ def num_bases(d: int, rank: int) -> int:
 class RandloraBases(SeededBases):
     """The shared ``A (r × 1 × d_max)`` and ``B (D_max × n_max × r)``; ``key = (seed, max_out, max_in)``."""
 
-    def __init__(self, key, rank: int, sparse: bool, very_sparse: bool, persistent: bool = False):
-        self.rank, self.sparse, self.very_sparse = rank, sparse, very_sparse
-        super().__init__(key, persistent)
+    names = ("randlora_A", "randlora_B")
+    exact = {"randlora_A": (0, 1), "randlora_B": (2,)}
+
+    def __init__(self, key, config: RandloraConfig, persistent: bool = False, device=None):
+        self.rank, self.sparse, self.very_sparse = config.rank, config.sparse, config.very_sparse
+        super().__init__(key, persistent, device)
 
     def generate(self, key):
         seed, n_out, n_in = key
@@ -142,65 +133,30 @@ class _ScaledBasis(torch.autograd.Function):
         return None, grad_lam, grad_gamma
 
 
-def _set_bases(bases: RandloraBases, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
-    """Take PEFT's bases ``A (r × 1 × d_max)``, ``B (D_max × n_max × r)`` as the shared bases (checked)."""
-    r, n_out, n_in = bases.rank, int(bases.key[1]), int(bases.key[2])
-    big, small = max(n_out, n_in), min(n_out, n_in)
-    if (a.dim() != 3 or b.dim() != 3 or a.shape[0] != r or a.shape[1] != 1 or b.shape[2] != r
-            or a.shape[2] < small or b.shape[0] < big or b.shape[1] < num_bases(small, r)):
-        raise ShapeMismatchError(
-            f"{where}: PEFT RandLoRA bases have shapes randlora_A {tuple(a.shape)}, randlora_B {tuple(b.shape)}; "
-            f"the adapted layers need at least ({r}, 1, {small}) and ({big}, {num_bases(small, r)}, {r}). "
-            "Load the adapter onto the model it was trained on."
-        )
-    with torch.no_grad():
-        bases.randlora_A = a.to(bases.randlora_A.dtype).clone()
-        bases.randlora_B = b.to(bases.randlora_B.dtype).clone()
-    bases._stamp = bases._key_stamp()
-
-
 @register("randlora")
-class Randlora(Method):
+class Randlora(SharedBasesMethod):
     """Full-rank update from scaled shared random bases (see module docstring)."""
 
     Config = RandloraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    Bases = RandloraBases
     summary = "ΔW = s·Σ_b B_b diag(λ_b) A diag(γ_b): shared random bases, full rank (Albert et al. 2025)"
-    identity_at_init = True
     computes_base = True
-    merge_atol = 1e-5
-    default_lr = 1e-3
     demo_options = {"rank": 32}
 
-    @classmethod
-    def shared(cls, views: list[LayerView], config: RandloraConfig, generator=None) -> RandloraBases:
-        seed = draw_seed(generator) if config.projection_seed is None else config.projection_seed
-        n_out, n_in = largest_dims(views)
-        return RandloraBases([seed, n_out, n_in], config.rank, config.sparse, config.very_sparse,
-                             persistent=config.save_projection)
-
     def __init__(self, view: LayerView, config: RandloraConfig, generator=None, calibration=None, shared=None):
-        super().__init__(view, config)
-        if shared is None:
-            shared = self.shared([view], config, generator)
-        self.view, self.config, self.rank, self.scale = view, config, config.rank, config.scale
-        self.bases = shared
+        super().__init__(view, config, generator, shared)
+        self.scale = config.scale
         self.small, self.big = min(view.in_features, view.out_features), max(view.in_features, view.out_features)
         self.n = num_bases(self.small, config.rank)
-        w = view.weight
-        kw = {"dtype": w.dtype if w.is_floating_point() else torch.float32}
+        kw = view.factory_kwargs
         self.randlora_lambda = nn.Parameter(torch.zeros(config.rank, self.n, **kw))
         self.randlora_gamma = nn.Parameter(torch.full((self.n, self.small), 1.0 / max(self.n, self.small), **kw))
-        self.drop = config.dropout
 
     @classmethod
     def num_params(cls, view: LayerView, config: RandloraConfig) -> int:
         d = min(view.in_features, view.out_features)
         n = num_bases(d, config.rank)
         return config.rank * n + n * d
-
-    def loaded(self) -> None:
-        self.bases.refresh()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first (k × in), second (out × k))`` with ``ΔW = s · second @ first``, ``k = r·n``."""
@@ -219,14 +175,12 @@ class Randlora(Method):
         return (second @ first) * self.scale
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
-        v = self.view
+        v, p = self.view, self.config.dropout
         lam = self.randlora_lambda
         if x.is_floating_point() and x.dtype != lam.dtype:
             x = x.to(lam.dtype)
-        xa = torch.nn.functional.dropout(x, self.drop, training=True) if self.drop > 0 and self.training else x
-        linear = v.kind in ("linear", "hf_conv1d")
-        tokens = x.numel() // v.in_features if linear else 0
-        if linear and tokens > self.small:  # dense: one product with ΔW (or W0 + ΔW) is cheaper
+        if v.is_linear and x.numel() // v.in_features > self.small:  # dense: one product with ΔW (or W0 + ΔW)
+            xa = F.dropout(x, p, training=True) if p > 0 and self.training else x
             delta = self.delta2d()
             w0 = v.weight2d()
             if base_out is None and xa is x:
@@ -238,84 +192,35 @@ class Randlora(Method):
         if base_out is None:
             base_out = v.functional(x, v.weight2d())
         first, second = self.factors()
-        h = v.apply_in(xa, first)
-        return base_out + (v.apply_out(h, second) * self.scale).to(base_out.dtype)
+        return low_rank_apply(v, x, base_out, first, second, self.scale, p, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         return self.view.to_param(self.delta2d())
 
-    # ---- PEFT format (used by rankwise.io.peft) -------------------------------------------
+    # ---- PEFT format (the codec is SharedBasesMethod's) -------------------------------------
     peft_type = "RANDLORA"
+    peft_name = "RandLoRA"
+    trained = ("randlora_lambda", "randlora_gamma")
 
     @classmethod
-    def peft_accepts(cls, pcfg: dict) -> bool:
-        return pcfg.get("peft_type") == "RANDLORA"
+    def peft_options(cls, config: RandloraConfig) -> dict:
+        return {"randlora_alpha": config.randlora_alpha, "sparse": config.sparse, "very_sparse": config.very_sparse}
 
     @classmethod
-    def to_peft_config(cls, config: RandloraConfig, views: list[LayerView]) -> dict:
-        require_peft_kinds("randlora", "RandLoRA", views, ("linear", "hf_conv1d"))
-        return {
-            "peft_type": "RANDLORA",
-            "r": config.rank,
-            "randlora_alpha": config.randlora_alpha,
-            "randlora_dropout": config.dropout,
-            "projection_prng_key": config.projection_seed,  # the drawn seed comes from peft_shared
-            "save_projection": True,
-            "sparse": config.sparse,
-            "very_sparse": config.very_sparse,
-            "fan_in_fan_out": any(v.kind == "hf_conv1d" for v in views),
-            "bias": "none",
-            "init_weights": True,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, pcfg: dict) -> dict:
-        if pcfg.get("bias", "none") != "none":
-            raise ConfigError("PEFT RandLoRA adapter trains biases (bias != 'none'); rankwise's randlora leaves "
-                              "biases frozen.")
-        return {"rank": int(pcfg["r"]), "alpha": float(pcfg.get("randlora_alpha", 640)),
-                "dropout": float(pcfg.get("randlora_dropout") or 0.0),
-                "projection_seed": int(pcfg.get("projection_prng_key", 0)),
-                "save_projection": bool(pcfg.get("save_projection", True)),
-                "sparse": bool(pcfg.get("sparse")), "very_sparse": bool(pcfg.get("very_sparse"))}
+    def from_peft_options(cls, pcfg: dict) -> dict:
+        return {"alpha": float(pcfg.get("randlora_alpha", 640)), "sparse": bool(pcfg.get("sparse")),
+                "very_sparse": bool(pcfg.get("very_sparse"))}
 
     # PEFT's files hold the bases once per model (base_model.randlora_A/B) and again under every layer
-    @classmethod
-    def peft_shared_keys(cls) -> tuple[str, ...]:
-        return ("base_model.randlora_A", "base_model.randlora_B")
-
-    @classmethod
-    def peft_shared(cls, shared: RandloraBases) -> tuple[dict, dict]:
-        shared.refresh()
-        return ({"base_model.randlora_A": shared.randlora_A, "base_model.randlora_B": shared.randlora_B},
-                {"projection_prng_key": int(shared.key[0])})
-
-    @classmethod
-    def load_peft_shared(cls, shared: RandloraBases, tensors: dict[str, torch.Tensor]) -> None:
-        _set_bases(shared, tensors["base_model.randlora_A"], tensors["base_model.randlora_B"], "the model")
-
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        self.bases.refresh()
-        # PEFT stores the whole shared bases under every layer; copies, so the file has no shared storage
-        return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma,
-                "randlora_A": self.bases.randlora_A.clone(), "randlora_B": self.bases.randlora_B.clone()}
+        self.bases.refresh()  # copies, so the file has no shared storage
+        return {**super().peft_tensors(), **{n: getattr(self.bases, n).clone() for n in RandloraBases.names}}
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, param in (("randlora_lambda", self.randlora_lambda), ("randlora_gamma", self.randlora_gamma)):
-            if tuple(tensors[key].shape) != tuple(param.shape):
-                raise ShapeMismatchError(
-                    f"module '{self.view.name}': PEFT tensor {key} has shape {tuple(tensors[key].shape)}, rankwise "
-                    f"expects {tuple(param.shape)} (rank {self.rank}, {self.n} bases, weight "
-                    f"{self.view.out_features}x{self.view.in_features}). Load it onto the model it was trained on."
-                )
+        super().load_peft_tensors(tensors)
         if "randlora_A" in tensors:
-            _set_bases(self.bases, tensors["randlora_A"], tensors["randlora_B"], f"module '{self.view.name}'")
-        with torch.no_grad():
-            self.randlora_lambda.copy_(tensors["randlora_lambda"])
-            self.randlora_gamma.copy_(tensors["randlora_gamma"])
+            self.bases.assign({n: tensors[n] for n in RandloraBases.names}, f"module '{self.view.name}'")
 
     @classmethod
     def peft_suffixes(cls) -> tuple[str, ...]:
-        return ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
+        return (*cls.trained, *RandloraBases.names)

@@ -38,38 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
 from ..core.layers import LayerView
-from ..core.method import Method
-from ..core.ops import autocast_on
+from ..core.ops import autocast_on, low_rank_apply
 from ..core.registry import register
-from ..errors import ConfigError, ShapeMismatchError
-from ._shared_bases import SeededBases, draw_seed, largest_dims
-from ._structured_common import require_peft_kinds
+from ._shared_bases import SeededBases, SharedBasesConfig, SharedBasesMethod
 
 
 @dataclass
-class VeraConfig(AdapterConfig):
+class VeraConfig(SharedBasesConfig):
     """rank: r (rows of the shared A; larger than LoRA ranks: VeRA trains only r + out per layer);
-    d_initial: init of d; dropout: on the adapter's input; projection_seed: seed of the shared
-    projections (None: drawn from the adapter's generator); save_projection: store the projections
-    in saved files instead of regenerating them from the seed."""
+    d_initial: init of d; dropout, projection_seed, save_projection: see ``SharedBasesConfig``."""
 
     rank: int = 256
     d_initial: float = 0.1
-    dropout: float = 0.0
-    projection_seed: int | None = None
-    save_projection: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
-        self._check(0.0 <= self.dropout < 1.0, "dropout", "dropout must be in [0, 1).")
         self._check(math.isfinite(self.d_initial), "d_initial", "d_initial must be a finite number (PEFT: 0.1).")
-        self._check(self.projection_seed is None or (isinstance(self.projection_seed, int)
-                                                     and 0 <= self.projection_seed < 2**63),
-                    "projection_seed", "use None (drawn from the generator) or an integer in [0, 2**63).")
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -83,9 +68,12 @@ class VeraBases(SeededBases):
     """The projections ``Ā (r × max_in)`` and ``B̄ (max_out × r)`` shared by all layers of an adapter;
     ``key = (seed, max_out, max_in)``."""
 
-    def __init__(self, key, rank: int, persistent: bool = False):
-        self.rank = rank
-        super().__init__(key, persistent)
+    names = ("vera_A", "vera_B")
+    exact = {"vera_A": (0,), "vera_B": (1,)}
+
+    def __init__(self, key, config: VeraConfig, persistent: bool = False, device=None):
+        self.rank = config.rank
+        super().__init__(key, persistent, device)
 
     def generate(self, key):
         seed, n_out, n_in = key
@@ -148,41 +136,24 @@ class _VeraLinear(torch.autograd.Function):
 
 
 @register("vera")
-class Vera(Method):
+class Vera(SharedBasesMethod):
     """``ΔW = Λ_b B Λ_d A`` with frozen shared random ``A, B`` (see module docstring)."""
 
     Config = VeraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+    Bases = VeraBases
     summary = "ΔW = Λ_b B Λ_d A, frozen random A,B shared by all layers, trains d (r) and b (out) (Kopiczko et al. 2024)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 1e-2
     demo_options = {"rank": 256}
 
-    @classmethod
-    def shared(cls, views: list[LayerView], config: VeraConfig, generator=None) -> VeraBases:
-        seed = draw_seed(generator) if config.projection_seed is None else config.projection_seed
-        n_out, n_in = largest_dims(views)
-        return VeraBases([seed, n_out, n_in], config.rank, persistent=config.save_projection)
-
     def __init__(self, view: LayerView, config: VeraConfig, generator=None, calibration=None, shared=None):
-        super().__init__(view, config)
-        if shared is None:  # built outside rw.adapt: bases of its own
-            shared = self.shared([view], config, generator)
-        self.view, self.config, self.rank = view, config, config.rank
-        self.bases = shared  # one module for all layers (registered here, saved once by rw.save)
-        w = view.weight
-        kw = {"dtype": w.dtype if w.is_floating_point() else torch.float32}
+        super().__init__(view, config, generator, shared)
+        kw = view.factory_kwargs
         self.vera_lambda_d = nn.Parameter(torch.full((config.rank,), float(config.d_initial), **kw))
         self.vera_lambda_b = nn.Parameter(torch.zeros(view.out_features, **kw))
-        self.drop = config.dropout
 
     @classmethod
     def num_params(cls, view: LayerView, config: VeraConfig) -> int:
         return config.rank + view.out_features
-
-    def loaded(self) -> None:
-        self.bases.refresh()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slices ``A (r × in)`` and ``B (out × r)`` of the shared projections."""
@@ -192,100 +163,28 @@ class Vera(Method):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
-        d, lb = self.vera_lambda_d, self.vera_lambda_b
-        if x.is_floating_point() and x.dtype != a.dtype:
-            x = x.to(a.dtype)
-        if self.drop > 0 and self.training and x.is_floating_point():
-            x = F.dropout(x, self.drop, training=True)
-        if (self.view.kind in ("linear", "hf_conv1d") and base_out.dtype == a.dtype
-                and not autocast_on(x.device.type)):
+        d, lb, p = self.vera_lambda_d, self.vera_lambda_b, self.config.dropout
+        if self.view.is_linear and x.dtype == a.dtype == base_out.dtype and not autocast_on(x.device.type):
+            if p > 0 and self.training:
+                x = F.dropout(x, p, training=True)
             return _VeraLinear.apply(x, base_out, a, b, d, lb, self.rank >= KEEP_Z_RANK)
-        bb = b * lb[:, None]  # Λ_b B: out × r
-        h = self.view.apply_in(x, a)
-        h = h * (d.view(-1, *([1] * (h.dim() - 2))) if self.view.channel_dim == 1 else d)
-        return base_out + self.view.apply_out(h, bb).to(base_out.dtype)
+        channel_first = self.view.channel_dim == 1
+        return low_rank_apply(self.view, x, base_out, a, b * lb[:, None], 1.0, p, self.training,
+                              mid=lambda h: h * (d.view(-1, *([1] * (h.dim() - 2))) if channel_first else d))
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
         return self.view.to_param((b * self.vera_lambda_b[:, None]) @ (a * self.vera_lambda_d[:, None]))
 
-    # ---- PEFT format (used by rankwise.io.peft) -------------------------------------------
+    # ---- PEFT format (the codec is SharedBasesMethod's; PEFT stores vera_A/B once per model) ----
     peft_type = "VERA"
+    peft_name = "VeRA"
+    trained = ("vera_lambda_b", "vera_lambda_d")
 
     @classmethod
-    def peft_accepts(cls, pcfg: dict) -> bool:
-        return pcfg.get("peft_type") == "VERA"
+    def peft_options(cls, config: VeraConfig) -> dict:
+        return {"d_initial": config.d_initial}
 
     @classmethod
-    def to_peft_config(cls, config: VeraConfig, views: list[LayerView]) -> dict:
-        require_peft_kinds("vera", "VeRA", views, ("linear", "hf_conv1d"))
-        return {
-            "peft_type": "VERA",
-            "r": config.rank,
-            "projection_prng_key": config.projection_seed,  # the drawn seed comes from peft_shared
-            "save_projection": True,
-            "vera_dropout": config.dropout,
-            "d_initial": config.d_initial,
-            "fan_in_fan_out": any(v.kind == "hf_conv1d" for v in views),
-            "bias": "none",
-            "init_weights": True,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, pcfg: dict) -> dict:
-        if pcfg.get("bias", "none") != "none":
-            raise ConfigError("PEFT VeRA adapter trains biases (bias != 'none'); rankwise's vera leaves biases frozen.")
-        return {"rank": int(pcfg["r"]), "d_initial": float(pcfg.get("d_initial", 0.1)),
-                "dropout": float(pcfg.get("vera_dropout") or 0.0),
-                "projection_seed": int(pcfg.get("projection_prng_key", 0)),
-                # the file's projections are kept as state (PEFT saves them by default)
-                "save_projection": bool(pcfg.get("save_projection", True))}
-
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, param in (("vera_lambda_b", self.vera_lambda_b), ("vera_lambda_d", self.vera_lambda_d)):
-            if tuple(tensors[key].shape) != tuple(param.shape):
-                raise ShapeMismatchError(
-                    f"module '{self.view.name}': PEFT tensor {key} has shape {tuple(tensors[key].shape)}, rankwise "
-                    f"expects {tuple(param.shape)} (rank {self.rank}, weight {self.view.out_features}x"
-                    f"{self.view.in_features}). Load it onto the model it was trained on."
-                )
-        with torch.no_grad():
-            self.vera_lambda_b.copy_(tensors["vera_lambda_b"])
-            self.vera_lambda_d.copy_(tensors["vera_lambda_d"])
-
-    @classmethod
-    def peft_suffixes(cls) -> tuple[str, ...]:
-        return ("vera_lambda_b", "vera_lambda_d")
-
-    # the projections are stored once per model in PEFT files, as base_model.vera_A / vera_B
-    @classmethod
-    def peft_shared_keys(cls) -> tuple[str, ...]:
-        return ("base_model.vera_A", "base_model.vera_B")
-
-    @classmethod
-    def peft_shared(cls, shared: VeraBases) -> tuple[dict[str, torch.Tensor], dict]:
-        """(model-level PEFT tensors, adapter_config entries) of the shared projections."""
-        shared.refresh()
-        return ({"base_model.vera_A": shared.vera_A, "base_model.vera_B": shared.vera_B},
-                {"projection_prng_key": int(shared.key[0])})
-
-    @classmethod
-    def load_peft_shared(cls, shared: VeraBases, tensors: dict[str, torch.Tensor]) -> None:
-        a, b = tensors["base_model.vera_A"], tensors["base_model.vera_B"]
-        r, n_out, n_in = shared.rank, int(shared.key[1]), int(shared.key[2])
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r or a.shape[1] < n_in or b.shape[0] < n_out:
-            raise ShapeMismatchError(
-                f"PEFT VeRA projections have shapes vera_A {tuple(a.shape)}, vera_B {tuple(b.shape)}; the adapted "
-                f"layers need at least ({r}, {n_in}) and ({n_out}, {r}). Load the adapter onto the model it was "
-                "trained on."
-            )
-        with torch.no_grad():
-            shared.key[1], shared.key[2] = b.shape[0], a.shape[1]
-            shared.vera_A = a.to(shared.vera_A.dtype).clone()
-            shared.vera_B = b.to(shared.vera_B.dtype).clone()
-        shared._stamp = shared._key_stamp()
+    def from_peft_options(cls, pcfg: dict) -> dict:
+        return {"d_initial": float(pcfg.get("d_initial", 0.1))}
