@@ -3,10 +3,7 @@
 
 * :func:`weight_svd` — the thin SVD ``W0 = U diag(S) Vᵀ`` of a layer's canonical ``(out, in)``
   matrix, optionally truncated to the top ``rank`` triplets, with a canonical sign per triplet.
-* :func:`low_rank_out` — ``base_out + (layer op with an (k, in) weight) then (out, k) map``, the
-  two thin products every method here reduces to (never an ``out × in`` matrix in ``forward``).
-* :func:`scale_channels` — a diagonal ``k × k`` map on the channel axis of an intermediate ``h``
-  (last axis; axis 1 for convolutions).
+* :func:`low_rank_out` — kept for ``lora_sb``; the methods here use ``core.ops.low_rank_apply``.
 * :func:`cayley` — an orthogonal ``r × r`` matrix from ``r(r-1)/2`` free parameters.
 
 Frozen factors computed from ``W0`` are registered as *non-persistent* buffers by the methods:
@@ -28,12 +25,6 @@ import torch
 from ..core.layers import LayerView
 
 
-def factor_dtype(view: LayerView) -> torch.dtype:
-    """The dtype adapter tensors use: the base weight's if floating, else float32."""
-    w = view.weight
-    return w.dtype if w.is_floating_point() else torch.float32
-
-
 def compute_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
@@ -43,7 +34,8 @@ def weight_svd(view: LayerView, rank: int | None = None):
     """``(U, S, Vt)`` of ``W0 = U diag(S) Vt`` (thin SVD, descending ``S``), top ``rank`` only.
 
     ``U`` is ``(out, k)``, ``S`` ``(k,)``, ``Vt`` ``(k, in)`` with ``k = min(out, in)`` or ``rank``.
-    Computed in float32 (float64 for float64 weights) and returned in :func:`factor_dtype`.
+    Computed in float32 (float64 for float64 weights) on the weight's device and returned in
+    ``view.param_dtype``.
     Signs are canonical: the largest-magnitude entry of every column of ``U`` is positive.
     """
     w = view.weight2d().detach()
@@ -55,15 +47,8 @@ def weight_svd(view: LayerView, rank: int | None = None):
     sign = torch.sign(u[pick, torch.arange(u.shape[1], device=u.device)])
     sign[sign == 0] = 1
     u, vt = u * sign, vt * sign[:, None]
-    dt = factor_dtype(view)
+    dt = view.param_dtype
     return u.to(dt).contiguous(), s.to(dt).contiguous(), vt.to(dt).contiguous()
-
-
-def scale_channels(h: torch.Tensor, d: torch.Tensor, view: LayerView) -> torch.Tensor:
-    """``h ⊙ d`` with ``d`` (k,) on ``h``'s channel axis (last; axis 1 for convolutions)."""
-    if view.channel_dim == 1:
-        return h * d.view(1, -1, *([1] * (h.dim() - 2)))
-    return h * d
 
 
 def low_rank_out(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a2d: torch.Tensor,
@@ -80,7 +65,7 @@ def low_rank_out(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a2d: 
     h = view.apply_in(x, a2d)
     if mid is not None:
         h = mid(h)
-    if view.kind in ("linear", "hf_conv1d") and base_out.dtype == h.dtype == b2d.dtype:
+    if view.is_linear and base_out.dtype == h.dtype == b2d.dtype:
         out2d = torch.addmm(base_out.reshape(-1, b2d.shape[0]), h.reshape(-1, b2d.shape[1]), b2d.t())
         return out2d.view(base_out.shape)
     return base_out + view.apply_out(h, b2d).to(base_out.dtype)
@@ -93,14 +78,18 @@ def num_skew(r: int) -> int:
 
 def cayley(free: torch.Tensor, r: int) -> torch.Tensor:
     """Orthogonal ``R = (I - Q)⁻¹ (I + Q)`` with skew ``Q`` built from ``free`` (its strict upper
-    triangle, ``r(r-1)/2`` entries). ``free = 0`` gives exactly ``I``; ``det R = +1`` always."""
+    triangle, ``r(r-1)/2`` entries). ``free = 0`` gives exactly ``I``; ``det R = +1`` always.
+    Solved in float32 for half-precision ``free`` (no half LU on CPU), returned in ``free``'s dtype."""
+    dt = free.dtype
+    if dt in (torch.float16, torch.bfloat16):
+        free = free.float()
     eye = torch.eye(r, dtype=free.dtype, device=free.device)
     if r < 2:
-        return eye + 0 * free.sum()  # keeps ``free`` (empty) in the graph
+        return (eye + 0 * free.sum()).to(dt)  # keeps ``free`` (empty) in the graph
     iu = torch.triu_indices(r, r, offset=1, device=free.device)
     upper = torch.zeros(r, r, dtype=free.dtype, device=free.device).index_put((iu[0], iu[1]), free)
     q = upper - upper.t()
-    return torch.linalg.solve(eye - q, eye + q)
+    return torch.linalg.solve(eye - q, eye + q).to(dt)
 
 
 def check_rank_fits(view: LayerView, rank: int | None, limit: int | None = None) -> int:

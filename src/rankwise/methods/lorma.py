@@ -8,13 +8,18 @@ rank inflation (LoRMA₊) adds the identity, which is the variant implemented he
     W = (I + s · B A) W0,      B ∈ R^{out × r}, A ∈ R^{r × out},  s = α / r
     ΔW = s · B A W0           (B = 0, A Kaiming-uniform at init → W = W0 exactly)
 
-The paper's other inflation, LoRMA_π (a fixed permutation of ``B A``), is not implemented.
+The paper's other inflation, LoRMA_π (a fixed permutation of ``B A``), is not implemented, nor is
+the authors' ``"post"`` mode ``W = W0 (I + s · B A)`` (``B A`` mixing input channels); the default
+``"pre"`` mode above is theirs (``NLU/run_glue_lorma_plus.py``, ``LormaLinear_plus``).
 The update reads ``W0`` itself (``reads_base = True``: a merge keeps the exact ``ΔW`` it added).
 
 Activation view, with the operations re-ordered as in the paper so that no ``out × out`` or
 ``out × in`` matrix is formed::
 
     W0 x = base_out − b;      y = base_out + s · B (A (W0 x))       (O(N · out · r))
+
+With ``dropout > 0`` (training), the update reads a dropped input instead, ``s · B A W0 drop(x)``,
+which costs one more product with ``W0`` (the authors' code drops the input of the whole layer).
 
 Like DoRA, it acts on the layer's running output: another active adapter applied *before* it on
 the same layer is multiplied too, so stacking it with other methods is order-dependent, and the
@@ -26,32 +31,22 @@ for an embedding, ``W0 x`` is the looked-up row).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import kaiming_bound, uniform_
 from ..core.registry import register
-from ._svd_common import factor_dtype
 
 
 @dataclass
-class LormaConfig(AdapterConfig):
-    """rank: r; alpha: α (default r, so s = 1)."""
-
-    rank: int = 8
-    alpha: float | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
+class LormaConfig(RankAlphaConfig):
+    """rank: r; alpha: α (default r, so s = 1); dropout: on the adapter's input; rslora: s = α/√r."""
 
 
 @register("lorma")
@@ -59,25 +54,16 @@ class Lorma(Method):
     """``W = (I + s B A) W0`` (see module docstring)."""
 
     Config = LormaConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "multiplicative W = (I + s·BA) W0 (additive rank inflation, LoRMA₊)"
-    identity_at_init = True
     reads_base = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: LormaConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
-        self.rank = r = config.rank
-        self.scale = (float(r) if config.alpha is None else float(config.alpha)) / r
-        m = view.out_features
-        kw = {"dtype": factor_dtype(view), "device": view.weight.device}
-        self.lorma_A = nn.Parameter(torch.empty(r, m, **kw))
+        self.rank, self.scale = config.rank, config.scale
+        r, m, kw = config.rank, view.out_features, view.factory_kwargs
+        self.lorma_A = nn.Parameter(uniform_(torch.empty(r, m, **kw), kaiming_bound(m), generator))
         self.lorma_B = nn.Parameter(torch.zeros(m, r, **kw))
-        bound = 1.0 / math.sqrt(m)
-        with torch.no_grad():
-            self.lorma_A.uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def num_params(cls, view: LayerView, config: LormaConfig) -> int:
@@ -87,7 +73,9 @@ class Lorma(Method):
         view, a, b = self.view, self.lorma_A, self.lorma_B
         bias = None if view.kind == "embedding" else view.base.bias
         y0 = base_out
-        if bias is not None:  # W0 x = base_out − b, bias on the channel axis
+        if self.training and self.config.dropout > 0 and x.is_floating_point():
+            y0 = view.functional(F.dropout(x, self.config.dropout), view.weight2d().detach(), bias=False)
+        elif bias is not None:  # W0 x = base_out − b, bias on the channel axis
             y0 = base_out - (bias.view(1, -1, *([1] * (base_out.dim() - 2))) if view.channel_dim == 1 else bias)
         if y0.dtype != a.dtype:
             y0 = y0.to(a.dtype)

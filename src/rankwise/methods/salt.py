@@ -1,30 +1,41 @@
 """SALT: Singular Value Adaptation with Low-Rank Transformation
 (Elsayed et al., 2025, arXiv:2503.16055; BMVC 2025).
 
-The top ``r`` singular values of ``W0 = U Σ Vᵀ`` get a trainable scale ``α`` and shift ``β``
-(kept non-negative by a ReLU), and a LoRA update covers the remaining directions::
+With the thin SVD ``W0 = U Σ Vᵀ`` (all ``p = min(out, in)`` triplets), the top ``r`` singular
+values get a trainable scale ``α`` and shift ``β``, and the remaining ``p − r`` directions a
+low-rank update ``X Y`` of their singular-value block; a ReLU keeps the new "singular value
+matrix" non-negative. As the authors' code (``prompt_adapted_segment_anything/modeling/SALT.py``,
+``get_modified_singular_values`` and ``forward``)::
 
-    W = U_r diag(ReLU(α ⊙ σ_r + β)) V_rᵀ + W_rest + s · B A
-    ΔW = U_r diag(ReLU(α ⊙ σ_r + β) − σ_r) V_rᵀ + s · B A,     s = lora_alpha / lora_rank
+    S' = [ diag(α ⊙ σ_r + β)          0           ]        X ((p−r) × k), Y (k × (p−r))
+         [        0           diag(σ_rest) + s X Y ]        s = lora_alpha / lora_rank (1 by default)
+    W  = U ReLU(S') Vᵀ                 (ReLU entrywise on the whole p × p matrix)
+    ΔW = U_r diag(ReLU(α σ_r + β) − σ_r) V_rᵀ + U_rest (ReLU(diag(σ_rest) + s X Y) − diag(σ_rest)) V_restᵀ
 
-``α = 1``, ``β = 0`` at init. Choices where the paper and the reference code leave room:
-the LoRA term is a full-space ``B A`` as in the reference implementation (``X Y`` added to the
-reconstructed weight), not projected onto the residual subspace; and it is initialized like LoRA
-(``A`` Kaiming-uniform from the generator, ``B = 0``) rather than both factors ``N(0, 0.01²)``,
-so ``ΔW = 0`` exactly at init. The reference code's optional penalty on ``α − 1``, ``β`` and
-``‖X‖‖Y‖`` is not part of the method here.
+The LoRA term lives in the residual singular subspaces only: ``U_rᵀ ΔW V_r`` is the diagonal
+scale/shift change, never touched by ``X Y``. Note the ReLU acts entrywise on ``diag(σ_rest) + s X Y``,
+so negative off-diagonal entries of ``X Y`` are cut to zero (the reference does exactly this).
 
-Activation view (two products of width ``r + lora_rank``, never ``W_rest``)::
+Deviations, stated: the reference draws ``X, Y ~ N(0, 0.01²)``; here ``X = 0`` and
+``Y ~ N(0, 0.01²)`` (from the generator), so ``W = W0`` exactly at init and both factors get
+gradients from the first step on. The reference's optional penalty ``‖scale-shift change‖ +
+‖X Y‖`` returned next to its output is not part of the method here. ``lora_alpha`` (an extra
+scale on ``X Y``) defaults to ``lora_rank``, i.e. no scale, as the reference.
 
-    h = x [V_r, Aᵀ];   y = W0 x + b + [h₁ ⊙ (ReLU(α σ + β) − σ), s · h₂] [U_r, B]ᵀ
+Activation view (never forms ``ΔW``; the ``p × p`` core is folded into ``U`` per step)::
 
-Parameters per layer: ``2r + lora_rank (out + in)``. ``rank`` is clamped to ``min(out, in)``;
-``U_r, σ_r, V_r`` are non-persistent buffers recomputed from ``W0`` on load. Works on every kind.
+    y = W0 x + b + [U_r diag(ReLU(α σ_r + β) − σ_r),  U_rest M] (Vᵀ x),     M = ReLU(diag(σ_rest) + s X Y) − diag(σ_rest)
+
+Cost: two products of the size of the base layer (``N · in · p + N · p · out``) plus
+``out · (p − r)²`` per step for ``U_rest M``, and ``(out + in) · p`` frozen values — the price of
+an update that is dense in the residual block (the reference forms the whole weight each step).
+
+Parameters per layer: ``2r + 2k(p − r)``. ``rank`` is clamped to ``p``; ``U, σ, V`` are
+non-persistent buffers recomputed from ``W0`` on load. Works on every kind.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +45,15 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, normal_
 from ..core.registry import register
-from ._svd_common import check_rank_fits, low_rank_out, scale_channels, weight_svd
+from ._svd_common import check_rank_fits, weight_svd
 
 
 @dataclass
 class SaltConfig(AdapterConfig):
-    """rank: r top singular values scaled and shifted (clamped to min(out, in)); lora_rank: rank
-    of the LoRA term; lora_alpha: its α (default lora_rank, so s = 1)."""
+    """rank: r top singular values scaled and shifted (clamped to min(out, in)); lora_rank: k, the
+    rank of X Y on the residual block; lora_alpha: its α (default lora_rank, so s = 1)."""
 
     rank: int = 8
     lora_rank: int = 8
@@ -49,10 +61,8 @@ class SaltConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("rank", "lora_rank"):
-            v = getattr(self, name)
-            self._check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
-                        f"{name} must be a positive integer.")
+        self._check_int("rank")
+        self._check_int("lora_rank")
         self._check(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha",
                     "lora_alpha must be positive (or None: lora_alpha = lora_rank).")
 
@@ -63,49 +73,50 @@ class SaltConfig(AdapterConfig):
 
 @register("salt")
 class Salt(Method):
-    """Scale/shift of the top singular values plus LoRA (see module docstring)."""
+    """Scale/shift of the top singular values plus low-rank on the residual block (see module docstring)."""
 
     Config = SaltConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
-    summary = "scale & shift the top-r singular values of W0 (ReLU) plus a LoRA term (SALT)"
-    identity_at_init = True
-    merge_atol = 1e-5
+    summary = "scale & shift the top-r singular values of W0, low-rank X·Y on the rest, ReLU (SALT)"
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: SaltConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
-        self.lora_rank = k = config.lora_rank
+        p, k = min(view.out_features, view.in_features), config.lora_rank
         self.scale = config.lora_scale
-        u, s, vt = weight_svd(view, r)
-        self.register_buffer("u", u, persistent=False)
-        self.register_buffer("s", s, persistent=False)
-        self.register_buffer("vt", vt, persistent=False)
-        kw = {"dtype": u.dtype, "device": u.device}
+        u, s, vt = weight_svd(view)
+        self.register_buffer("u", u, persistent=False)  # out × p
+        self.register_buffer("s", s, persistent=False)  # p
+        self.register_buffer("vt", vt, persistent=False)  # p × in
+        kw = view.factory_kwargs
         self.salt_scale = nn.Parameter(torch.ones(r, **kw))
         self.salt_shift = nn.Parameter(torch.zeros(r, **kw))
-        self.lora_A = nn.Parameter(torch.empty(k, view.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(view.out_features, k, **kw))
-        bound = 1.0 / math.sqrt(view.in_features)
-        with torch.no_grad():
-            self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.salt_X = nn.Parameter(torch.zeros(p - r, k, **kw))
+        self.salt_Y = nn.Parameter(normal_(torch.empty(k, p - r, **kw), 0.01, generator))
+        self.deterministic_init = r == p  # no residual block: nothing random
 
     @classmethod
     def num_params(cls, view: LayerView, config: SaltConfig) -> int:
-        r = check_rank_fits(view, config.rank)
-        return 2 * r + config.lora_rank * (view.out_features + view.in_features)
+        r, p = check_rank_fits(view, config.rank), min(view.out_features, view.in_features)
+        return 2 * r + 2 * config.lora_rank * (p - r)
 
     def sigma_delta(self) -> torch.Tensor:
-        """``ReLU(α ⊙ σ + β) − σ``: the change of the top singular values."""
-        return F.relu(self.salt_scale * self.s + self.salt_shift) - self.s
+        """``ReLU(α ⊙ σ_r + β) − σ_r``: the change of the top singular values."""
+        s = self.s[:self.rank]
+        return F.relu(self.salt_scale * s + self.salt_shift) - s
+
+    def residual_delta(self) -> torch.Tensor:
+        """``M = ReLU(diag(σ_rest) + s X Y) − diag(σ_rest)``, ``(p − r) × (p − r)``."""
+        rest = torch.diag(self.s[self.rank:])
+        return F.relu(rest + (self.salt_X @ self.salt_Y) * self.scale) - rest
+
+    def _left(self) -> torch.Tensor:
+        """``U`` times the change of the core: ``ΔW = _left() Vᵀ``."""
+        r = self.rank
+        return torch.cat([self.u[:, :r] * self.sigma_delta(), self.u[:, r:] @ self.residual_delta()], dim=1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        d = torch.cat([self.sigma_delta(), self.s.new_full((self.lora_rank,), self.scale)])
-        a = torch.cat([self.vt, self.lora_A])
-        b = torch.cat([self.u, self.lora_B], dim=1)
-        return low_rank_out(self.view, x, base_out, a, b, mid=lambda h: scale_channels(h, d, self.view))
+        return low_rank_apply(self.view, x, base_out, self.vt, self._left())
 
     def delta_weight(self) -> torch.Tensor:
-        d = (self.u * self.sigma_delta()) @ self.vt + (self.lora_B @ self.lora_A) * self.scale
-        return self.view.to_param(d)
+        return self.view.to_param(self._left() @ self.vt)

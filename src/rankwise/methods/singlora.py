@@ -19,13 +19,14 @@ resumed). The counter is incremented before use, so the first training step alre
 end of the ramp.
 
 Init: ``A ~ U(−1/√d, 1/√d)`` from the generator with ``d = max(out, in)`` (Kaiming-uniform over
-the long side, like LoRA's ``A``). The reference code applies Kaiming-uniform with fan-in ``r``,
-which makes ``A Aᵀ`` several times larger than ``W0`` once the ramp ends; the paper's stable
-feature-learning argument needs entries of order ``1/√d``.
+the long side, like LoRA's ``A``). The only public code (kyegomez/SingLoRA, unofficial; no authors'
+code was found) applies Kaiming-uniform with fan-in ``r``, which makes ``A Aᵀ`` several times
+larger than ``W0`` once the ramp ends; the paper's stable feature-learning argument needs entries
+of order ``1/√d``.
 
 Activation view (two thin products, never ``A Aᵀ``)::
 
-    y = W0 x + b + (α/r) u(t) · (x A[:in]) A[:out]ᵀ
+    y = W0 x + b + (α/r) u(t) · (drop(x) A[:in]) A[:out]ᵀ      (rsLoRA: α/√r)
 
 Parameters per layer: ``r · max(out, in)`` (``r · d`` for a square ``d × d`` layer, half of
 LoRA's ``2 r d``). Works on every layer kind (``in`` is ``in_channels · k`` for convolutions).
@@ -33,34 +34,28 @@ LoRA's ``2 r d``). Works on every layer kind (``in`` is ``in_channels · k`` for
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import RankAlphaConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import kaiming_bound, low_rank_apply, uniform_
 from ..core.registry import register
-from ._svd_common import factor_dtype, low_rank_out
 
 
 @dataclass
-class SingLoraConfig(AdapterConfig):
-    """rank: r; alpha: α (default r, so α/r = 1); ramp_up_steps: T of u(t) = min(t/T, 1) (0: off)."""
+class SingLoraConfig(RankAlphaConfig):
+    """rank: r; alpha: α (default r, so α/r = 1); dropout: on the adapter's input; rslora: α/√r;
+    ramp_up_steps: T of u(t) = min(t/T, 1) (0: off)."""
 
-    rank: int = 8
-    alpha: float | None = None
     ramp_up_steps: int = 100
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
-        self._check(self.alpha is None or self.alpha > 0, "alpha", "alpha must be positive (or None: alpha = rank).")
-        self._check(isinstance(self.ramp_up_steps, int) and not isinstance(self.ramp_up_steps, bool)
-                    and self.ramp_up_steps >= 0, "ramp_up_steps", "ramp_up_steps must be an integer ≥ 0.")
+        self._check_int("ramp_up_steps", low=0)
 
 
 @register("singlora")
@@ -68,23 +63,15 @@ class SingLora(Method):
     """``ΔW = (α/r) u(t) A[:out] A[:in]ᵀ`` (see module docstring)."""
 
     Config = SingLoraConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = (α/r)·u(t)·A Aᵀ, one matrix, ramp-up u(t) = min(t/T, 1); non-square by truncation (SingLoRA)"
-    identity_at_init = True
-    merge_atol = 1e-5
     default_lr = 3e-3
 
     def __init__(self, view: LayerView, config: SingLoraConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
-        self.rank = r = config.rank
-        self.scale = (float(r) if config.alpha is None else float(config.alpha)) / r
-        m, n = view.out_features, view.in_features
-        d = max(m, n)
-        self.singlora_A = nn.Parameter(torch.empty(d, r, dtype=factor_dtype(view), device=view.weight.device))
-        bound = 1.0 / math.sqrt(d)
-        with torch.no_grad():
-            self.singlora_A.uniform_(-bound, bound, generator=generator)
+        self.rank, self.scale = config.rank, config.scale
+        d = max(view.out_features, view.in_features)
+        self.singlora_A = nn.Parameter(uniform_(torch.empty(d, config.rank, **view.factory_kwargs),
+                                                kaiming_bound(d), generator))
         self.register_buffer("ramp_step", torch.zeros((), dtype=torch.long, device=view.weight.device))
 
     @classmethod
@@ -106,7 +93,8 @@ class SingLora(Method):
         if self.training and torch.is_grad_enabled():
             self.ramp_step += 1
         a, m, n = self.singlora_A, self.view.out_features, self.view.in_features
-        return low_rank_out(self.view, x, base_out, a[:n].t(), a[:m] * (self.ramp() * self.scale))
+        return low_rank_apply(self.view, x, base_out, a[:n].t(), a[:m] * self.ramp(), self.scale,
+                              self.config.dropout, self.training)
 
     def delta_weight(self) -> torch.Tensor:
         a, m, n = self.singlora_A, self.view.out_features, self.view.in_features

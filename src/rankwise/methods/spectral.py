@@ -18,6 +18,9 @@ With the SVD ``W0 = U Σ Vᵀ`` split into the top ``r`` triplets and the rest
   The rotated vectors stay orthonormal and orthogonal to ``W_rest``'s, so the singular values
   of ``W`` are exactly those of ``W0``.
 
+The authors' rotational code for diffusion models (``edlora.py``) also trains a scale of the top-``r``
+singular values (``spectral_C``); use ``svfit`` with ``rotate=True`` for that combination.
+
 Both start at ``ΔW = 0`` exactly. Activation views (``W_rest`` is never formed):
 additive ``y = W0 x + b + [x A_V, x V_r] diag(Σ_r, Σ_r) [U_r + A_U, A_U]ᵀ`` (two products of
 width ``2r``); rotational ``y = W0 x + b + (x V_r)(U_r M)ᵀ`` with the ``r × r`` core
@@ -36,8 +39,9 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply
 from ..core.registry import register
-from ._svd_common import cayley, check_rank_fits, low_rank_out, num_skew, scale_channels, weight_svd
+from ._svd_common import cayley, check_rank_fits, num_skew, weight_svd
 
 MODES = ("additive", "rotational")
 
@@ -51,8 +55,7 @@ class SpectralConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
+        self._check_int("rank")
         self._check(self.mode in MODES, "mode", f"use one of {MODES}.")
 
 
@@ -61,23 +64,20 @@ class Spectral(Method):
     """Additive or rotational tuning of the top-``r`` singular vectors (see module docstring)."""
 
     Config = SpectralConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "tune the top-r singular vectors of W0 additively or by Cayley rotations (Spectral Adapter)"
-    identity_at_init = True
     deterministic_init = True
-    merge_atol = 1e-5
-    default_lr = 1e-3  # demo task: 3e-3 diverges, 1e-3 beats 3e-4 (A_U, A_V are scaled by Σ_r)
+    # default_lr: the base's 1e-3, measured on the demo task (3e-3 diverges, 1e-3 beats 3e-4: A_U, A_V
+    # are scaled by Σ_r)
 
     def __init__(self, view: LayerView, config: SpectralConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         self.mode = config.mode
         u, s, vt = weight_svd(view, r)
         self.register_buffer("u", u, persistent=False)  # out × r
         self.register_buffer("s", s, persistent=False)  # r
         self.register_buffer("vt", vt, persistent=False)  # r × in
-        kw = {"dtype": u.dtype, "device": u.device}
+        kw = view.factory_kwargs
         if self.mode == "additive":
             self.spectral_U = nn.Parameter(torch.zeros(view.out_features, r, **kw))
             self.spectral_V = nn.Parameter(torch.zeros(r, view.in_features, **kw))  # A_Vᵀ
@@ -99,11 +99,10 @@ class Spectral(Method):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if self.mode == "rotational":
-            return low_rank_out(self.view, x, base_out, self.vt, self.u @ self.core())
+            return low_rank_apply(self.view, x, base_out, self.vt, self.u @ self.core())
         a = torch.cat([self.spectral_V, self.vt])  # [A_Vᵀ; V_rᵀ]   (2r × in)
-        b = torch.cat([self.u + self.spectral_U, self.spectral_U], dim=1)  # (out × 2r)
-        s2 = torch.cat([self.s, self.s])
-        return low_rank_out(self.view, x, base_out, a, b, mid=lambda h: scale_channels(h, s2, self.view))
+        b = torch.cat([(self.u + self.spectral_U) * self.s, self.spectral_U * self.s], dim=1)  # (out × 2r)
+        return low_rank_apply(self.view, x, base_out, a, b)
 
     def delta_weight(self) -> torch.Tensor:
         if self.mode == "rotational":

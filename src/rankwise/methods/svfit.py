@@ -32,8 +32,9 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply
 from ..core.registry import register
-from ._svd_common import cayley, check_rank_fits, low_rank_out, num_skew, scale_channels, weight_svd
+from ._svd_common import cayley, check_rank_fits, num_skew, weight_svd
 
 
 @dataclass
@@ -46,8 +47,7 @@ class SvfitConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0,
-                    "rank", "rank must be a positive integer.")
+        self._check_int("rank")
         self._check(isinstance(self.rotate, bool), "rotate", "rotate must be True or False.")
 
 
@@ -56,17 +56,13 @@ class Svfit(Method):
     """Trainable top-``r`` singular values of ``W0`` (see module docstring)."""
 
     Config = SvfitConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "train the top-r singular values of W0 (optionally Cayley rotations of their vectors) (SVFit)"
-    identity_at_init = True
     deterministic_init = True
-    merge_atol = 1e-5
     default_lr = 1e-2
     demo_options = {"rank": 32}
 
     def __init__(self, view: LayerView, config: SvfitConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
         self.rank = r = check_rank_fits(view, config.rank)
         u, s, vt = weight_svd(view, r)
         self.register_buffer("u", u, persistent=False)
@@ -74,8 +70,8 @@ class Svfit(Method):
         self.register_buffer("vt", vt, persistent=False)
         self.sigma = nn.Parameter(s.clone())
         if config.rotate:
-            self.rot_u = nn.Parameter(torch.zeros(num_skew(r), dtype=u.dtype, device=u.device))
-            self.rot_v = nn.Parameter(torch.zeros(num_skew(r), dtype=u.dtype, device=u.device))
+            self.rot_u = nn.Parameter(torch.zeros(num_skew(r), **view.factory_kwargs))
+            self.rot_v = nn.Parameter(torch.zeros(num_skew(r), **view.factory_kwargs))
 
     @classmethod
     def num_params(cls, view: LayerView, config: SvfitConfig) -> int:
@@ -91,10 +87,8 @@ class Svfit(Method):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if not self.config.rotate:
-            d = self.sigma - self.s0
-            return low_rank_out(self.view, x, base_out, self.vt, self.u,
-                                mid=lambda h: scale_channels(h, d, self.view))
-        return low_rank_out(self.view, x, base_out, self.vt, self.u @ self.core())
+            return low_rank_apply(self.view, x, base_out, self.vt, self.u * (self.sigma - self.s0))
+        return low_rank_apply(self.view, x, base_out, self.vt, self.u @ self.core())
 
     def delta_weight(self) -> torch.Tensor:
         return self.view.to_param(self.u @ self.core() @ self.vt)

@@ -21,6 +21,18 @@ Sparsity patterns of ``M`` (``pattern``):
 
 The paper's Top-k pattern (chosen by singular-vector alignment) is not implemented.
 
+Deviations from the authors' code (``svft/svft_layers.py``), kept on purpose:
+
+* random pattern law: the reference draws all ``p(2d + 1) − d(d + 1)`` positions with
+  ``torch.randint`` for rows and columns independently — with replacement, the diagonal not
+  guaranteed (repeated positions add up). Here the same budget is the whole diagonal plus
+  distinct off-diagonal positions, so every coefficient is its own entry of ``M`` and ``plain`` is
+  contained in every pattern.
+* ``num_vectors < p``: the reference's ``rank`` argument rebuilds the weight from the top ``p'``
+  triplets only, ``W = U_p' (Σ_p' + M) V_p'ᵀ``, dropping the residual ``W0 − U_p' Σ_p' V_p'ᵀ``
+  (the model changes at init). Here ``W = W0 + U_p' M V_p'ᵀ`` keeps it; with all ``p`` vectors
+  (the default) the two agree.
+
 Init: the reference code draws the coefficients from Kaiming-normal over the ``k`` entries and
 multiplies them by a trainable gate ``sigmoid(g)``, ``g = 0``; we keep the same initial values,
 ``N(0, 1/(2k))`` (``init="random"``), without the gate so the parameter count is the paper's
@@ -51,8 +63,9 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.layers import LayerView
 from ..core.method import Method
+from ..core.ops import low_rank_apply, normal_, seeded_
 from ..core.registry import register
-from ._svd_common import check_rank_fits, low_rank_out, scale_channels, weight_svd
+from ._svd_common import check_rank_fits, weight_svd
 
 PATTERNS = ("plain", "banded", "random")
 
@@ -72,13 +85,11 @@ class SvftConfig(AdapterConfig):
     def __post_init__(self):
         super().__post_init__()
         self._check(self.pattern in PATTERNS, "pattern", f"use one of {PATTERNS}.")
-        self._check(isinstance(self.off_diag, int) and self.off_diag >= 0, "off_diag",
-                    "off_diag must be a non-negative integer.")
-        self._check(self.num_random is None or (isinstance(self.num_random, int) and self.num_random >= 0),
-                    "num_random", "num_random must be a non-negative integer or None.")
-        self._check(self.num_vectors is None or (isinstance(self.num_vectors, int) and not isinstance(
-            self.num_vectors, bool) and self.num_vectors > 0), "num_vectors",
-            "num_vectors must be a positive integer or None (all singular vectors).")
+        self._check_int("off_diag", low=0)
+        if self.num_random is not None:
+            self._check_int("num_random", low=0)
+        if self.num_vectors is not None:
+            self._check_int("num_vectors")
         self._check(self.init in ("random", "zero"), "init", "use 'random' or 'zero'.")
 
 
@@ -90,21 +101,23 @@ def _sizes(view: LayerView, config: SvftConfig) -> tuple[int, int, int]:
     return p, d, min(k, p * (p - 1))
 
 
-def _band_index(p: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _band_index(p: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices of the off-diagonal band entries, offsets ±1 … ±d."""
     rows, cols = [], []
     for o in range(1, d + 1):
-        i = torch.arange(p - o)
+        i = torch.arange(p - o, device=device)
         rows += [i, i + o]
         cols += [i + o, i]
     if not rows:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(rows), torch.cat(cols)
 
 
-def _random_index(p: int, k: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_index(p: int, k: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` distinct off-diagonal positions of a ``p × p`` matrix, drawn from ``generator``."""
-    flat = torch.randperm(p * (p - 1), generator=generator)[:k].sort().values
+    perm = seeded_(torch.empty(p * (p - 1), dtype=torch.long, device=device),
+                   lambda b, g: torch.randperm(b.numel(), generator=g, out=b), generator)
+    flat = perm[:k].sort().values
     rows = flat // (p - 1)
     cols = flat % (p - 1)
     cols = cols + (cols >= rows).long()  # skip the diagonal
@@ -167,42 +180,34 @@ class Svft(Method):
     """``ΔW = U M Vᵀ`` with a sparse trained ``M`` (see module docstring)."""
 
     Config = SvftConfig
-    kinds = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
     summary = "ΔW = U M Vᵀ, all singular vectors of W0 frozen, sparse M (plain/banded/random) trained (SVFT)"
     identity_at_init = False
-    merge_atol = 1e-5
     default_lr = 5e-3
 
     def __init__(self, view: LayerView, config: SvftConfig, generator=None, calibration=None):
         super().__init__(view, config)
-        self.view, self.config = view, config
         p, d, k = _sizes(view, config)
         self.rank, self.band = p, d
         u, _, vt = weight_svd(view, p)
         self.register_buffer("u", u, persistent=False)  # out × p
         self.register_buffer("vt", vt, persistent=False)  # p × in
-        dev = u.device
+        dev, kw = u.device, view.factory_kwargs
         if config.pattern == "banded":
-            rows, cols = _band_index(p, d)
+            rows, cols = _band_index(p, d, dev)
         elif config.pattern == "random":
-            rows, cols = _random_index(p, k, generator)
+            rows, cols = _random_index(p, k, generator, dev)
         else:
-            rows = cols = torch.zeros(0, dtype=torch.long)
+            rows = cols = torch.zeros(0, dtype=torch.long, device=dev)
         # off-diagonal positions: random ones must be saved; banded ones are a function of (p, d)
-        self.register_buffer("rows", rows.to(dev), persistent=config.pattern == "random")
-        self.register_buffer("cols", cols.to(dev), persistent=config.pattern == "random")
-        n_total = p + rows.numel()
-        self.svft_diag = nn.Parameter(torch.zeros(p, dtype=u.dtype, device=dev))
-        if rows.numel():
-            self.svft_offdiag = nn.Parameter(torch.zeros(rows.numel(), dtype=u.dtype, device=dev))
-        else:
-            self.register_parameter("svft_offdiag", None)
-        if config.init == "random":
-            std = 1.0 / math.sqrt(2.0 * n_total)
-            with torch.no_grad():
-                self.svft_diag.normal_(0.0, std, generator=generator)
-                if self.svft_offdiag is not None:
-                    self.svft_offdiag.normal_(0.0, std, generator=generator)
+        self.register_buffer("rows", rows, persistent=config.pattern == "random")
+        self.register_buffer("cols", cols, persistent=config.pattern == "random")
+        self.svft_diag = nn.Parameter(torch.zeros(p, **kw))
+        self.svft_offdiag = nn.Parameter(torch.zeros(rows.numel(), **kw)) if rows.numel() else None
+        if config.init == "random":  # N(0, 1/(2 nnz)): the reference's Kaiming-normal times sigmoid(0)
+            std = 1.0 / math.sqrt(2.0 * (p + rows.numel()))
+            for t in (self.svft_diag, self.svft_offdiag):
+                if t is not None:
+                    normal_(t, std, generator)
 
     @classmethod
     def num_params(cls, view: LayerView, config: SvftConfig) -> int:
@@ -213,21 +218,21 @@ class Svft(Method):
             return p + k
         return p
 
-    def _mid(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.rows.numel():
-            return scale_channels(h, self.svft_diag, self.view)
-        # banded: shifted, contiguous multiply-adds in one autograd node (no gather/scatter)
+    def _band_mix(self, h: torch.Tensor) -> torch.Tensor:
+        """Banded ``M h``: shifted, contiguous multiply-adds in one autograd node (no gather/scatter)."""
         dim = 1 if self.view.channel_dim == 1 else h.dim() - 1
-        return _BandMix.apply(h, self.svft_diag, self.svft_offdiag, self.band, dim)
+        return _BandMix.apply(h, self.svft_diag.to(h.dtype), self.svft_offdiag.to(h.dtype), self.band, dim)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        if self.config.pattern == "random" and self.rows.numel():
-            # fold M into U once per step: U M = U diag + Σ_(i,j) M_ij U[:, i] e_jᵀ (O(out · nnz)),
+        u, diag = self.u, self.svft_diag
+        if self.config.pattern == "banded" and self.rows.numel():
+            return low_rank_apply(self.view, x, base_out, self.vt, u, mid=self._band_mix)
+        if self.rows.numel():
+            # random: fold M into U once per step: U M = U diag + Σ_(i,j) M_ij U[:, i] e_jᵀ (O(out · nnz)),
             # cheaper than a gather/scatter over all N tokens (one more GEMM in backward instead)
-            um = (self.u * self.svft_diag).index_add(
-                1, self.cols, self.u.index_select(1, self.rows) * self.svft_offdiag)
-            return low_rank_out(self.view, x, base_out, self.vt, um)
-        return low_rank_out(self.view, x, base_out, self.vt, self.u, mid=self._mid)
+            return low_rank_apply(self.view, x, base_out, self.vt, (u * diag).index_add(
+                1, self.cols, u.index_select(1, self.rows) * self.svft_offdiag))
+        return low_rank_apply(self.view, x, base_out, self.vt, u * diag)  # plain: U diag(m)
 
     def dense_m(self) -> torch.Tensor:
         """``M`` as a dense ``p × p`` matrix."""
