@@ -132,7 +132,7 @@ def test_loss_terms_count_once_per_step_with_gradient_accumulation(bert, tmp_pat
 
     for path in ("divided", "normalized"):
         for cls, method, kw in ((Trainer, "lora", dict(rank=2)),
-                                (RankwiseTrainer, "sorsa", dict(rank=2, gamma=5.0))):
+                                (RankwiseTrainer, "sorsa", dict(rank=2, gamma=5.0, lr=0.5))):
             one = run(cls, method, kw, 1, path, tmp_path / "a")
             two = run(cls, method, kw, 2, path, tmp_path / "b")
             for n in one:

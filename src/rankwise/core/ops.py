@@ -201,9 +201,10 @@ class DropoutLinear(torch.autograd.Function):
         inv = 1.0 / ctx.keep
         grad_x = grad_a = None
         g2 = grad_h.reshape(-1, grad_h.shape[-1]) * inv
+        dt = g2.dtype  # under autocast forward ran in the autocast dtype; backward runs outside it
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g2, a).view(x.shape).mul_(mask)
+            grad_x = torch.mm(g2, a.to(dt)).view(x.shape).to(x.dtype).mul_(mask)
         if ctx.needs_input_grad[1]:
-            xm = (x * mask).reshape(-1, x.shape[-1])
-            grad_a = torch.mm(g2.t(), xm)
+            xm = (x * mask).reshape(-1, x.shape[-1]).to(dt)
+            grad_a = torch.mm(g2.t(), xm).to(a.dtype)
         return grad_x, grad_a, None, None

@@ -121,7 +121,7 @@ class Bora(Method):
         if p > 0 and self.training:  # the update sees drop(x), the base x (DoRA/PEFT's semantics)
             if base_out is None:
                 base_out = self.view.functional(x, w0)
-            x = F.dropout(x, p, training=True)
+            x = F.dropout(x, p, training=True) if x.is_floating_point() else x  # no dropout on token ids
         elif base_out is None:  # first adapter of the layer: one product with W (computes_base)
             return self.view.functional(x, w.to(w0.dtype))
         return base_out + self.view.functional(x, w - w0.to(w.dtype), bias=False).to(base_out.dtype)

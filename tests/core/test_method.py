@@ -446,6 +446,43 @@ def test_trains_under_autocast(method, kind, seed):
             assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), n
 
 
+def _has_dropout(method: str) -> bool:
+    """The method's default configuration accepts ``dropout > 0`` (Bone's default mode does not)."""
+    cls = rw.get_method(method)
+    if "dropout" not in {f.name for f in dataclasses.fields(cls.Config)}:
+        return False
+    try:
+        cls.Config(dropout=0.3)
+    except rw.errors.ConfigError:
+        return False
+    return True
+
+
+DROPOUT_CASES = [c for c in CASES if c.values[2] == 0 and _has_dropout(c.values[0])]
+
+
+@pytest.mark.parametrize("method,kind,seed", DROPOUT_CASES)
+@pytest.mark.parametrize("precision", ["autocast", "bf16"])
+def test_dropout_trains_in_low_precision(method, kind, seed, precision):
+    """Adapter dropout in training (its own autograd paths) under autocast and with bf16 weights:
+    finite gradients on every adapter parameter, in the parameter's dtype."""
+    layer, x = _make_layer(kind, seed)
+    if precision == "bf16":
+        layer, x = layer.to(torch.bfloat16), _float_input(x, torch.bfloat16)
+    model = Net(layer)
+    rw.adapt(model, _config(method, layer, dropout=0.3), seed=seed, **_calibration(method, x))
+    adapted = model.layer
+    _perturb(adapted.adapters.parameters(), seed + 100, std=0.1)
+    adapted.train()
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+        out = adapted(_float_input(x, x.dtype).requires_grad_(x.is_floating_point()))
+    out.float().square().mean().backward()
+    for n, p in adapted.adapters.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), n
+
+
 @pytest.mark.parametrize("method,kind,seed", [c for c in CASES if c.values[2] == 0])
 def test_adapts_meta_device_model(method, kind, seed):
     """``rw.adapt`` on a model built under ``torch.device("meta")`` (how FSDP and large-model loaders
