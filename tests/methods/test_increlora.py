@@ -161,3 +161,29 @@ def test_increlora_scale_follows_the_current_rank_and_growth_adds_half_the_targe
         torch.testing.assert_close(ad.delta_weight(), want, atol=1e-7, rtol=1e-6)
         assert ad.scale == pytest.approx(5.0 / (ad.rank + 1e-5))
         assert ad.scale != pytest.approx(5.0 / 1)  # the old fixed α/r₀
+
+
+def test_growth_inside_a_training_loop_that_keeps_the_last_loss():
+    """A loop keeps the previous step's ``loss`` (and so its graph) alive across ``rank_step``, as
+    ``rankwise.train`` and most hand-written loops do; after a growth the next backward must give
+    gradients of the new shape (autograd used to reuse the old gradient accumulator and fail)."""
+    from conftest import make_bert
+
+    model = make_bert()
+    rw.adapt(model, "increlora", rank=4, targets=["query", "value"], seed=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(1, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    grown = []
+    for step in range(1, 26):
+        loss = model(input_ids=ids).logits.square().mean() + rw.rank_regularization(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        info = rw.rank_step(model, step, opt, total_steps=25)
+        if info:
+            grown.append(step)
+    assert grown, "no growth happened: the test would not exercise the resize"
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" in name:
+            assert p.grad is None or p.grad.shape == p.shape, name
+    assert any(r > 4 for r in increlora.ranks(model).values())

@@ -99,8 +99,14 @@ def resize_(p: nn.Parameter, dim: int, optimizers=(), keep: torch.Tensor | None 
     """
     old = p.shape
     extra = 0 if new is None else new.shape[dim]
-    p.data = _cut_pad(p.data, dim, keep, extra, new)
+    data = _cut_pad(p.data, dim, keep, extra, new)
     p.grad = None
+    # A graph still referenced from the last step (the loop's ``loss``) keeps p's gradient
+    # accumulator alive, and autograd reuses it with the OLD shape ("invalid gradient … expected
+    # shape compatible with …" on the next backward). ``.data =`` drops the accumulator only on a
+    # dtype or device change, so pass through another dtype first.
+    p.data = torch.empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32, device=data.device)
+    p.data = data
     for opt in optimizers:
         state = opt.state.get(p)
         if not state:
