@@ -97,7 +97,7 @@ CASES = [
     if k in _kinds_of(m)
     for s in SHAPE_SEEDS
 ]
-IDENTITY_CASES = [c for c in CASES if getattr(rw.get_method(c.values[0]), "identity_at_init", False)]
+IDENTITY_CASES = [c for c in CASES if rw.get_method(c.values[0]).identity_at_init]
 
 
 def _config(method: str, layer, **kw):
@@ -114,7 +114,7 @@ def _config(method: str, layer, **kw):
 def _calibration(method, x) -> dict:
     """For a data-driven init (the method declares ``calibration_needs``): the layer's own input as
     two calibration batches, and a loss that squares the output."""
-    if not getattr(rw.get_method(method), "calibration_needs", ()):
+    if not rw.get_method(method).calibration_needs:
         return {}
     return {"calibration": [x, x], "loss_fn": lambda model, batch: model(batch).square().mean()}
 
@@ -129,7 +129,7 @@ def _build(method, kind, seed, **kw):
     adapted = model.layer
     assert isinstance(adapted, AdaptedLayer)
     for ad in adapted.adapters.values():  # a warm-up schedule (SingLoRA's ramp-up) would hide the update
-        getattr(ad, "finish_warmup", lambda: None)()
+        ad.finish_warmup()
     _perturb(adapted.adapters.parameters(), seed + 100)
     return base, model, x, adapted
 
@@ -288,7 +288,7 @@ def test_seed_determinism(method, kind, seed):
     for k in sds[0]:
         assert torch.equal(sds[0][k], sds[1][k]), k
         assert torch.equal(sds[0][k], sds[3][k]), k
-    if getattr(models[0].layer.adapters["default"], "deterministic_init", False):  # may depend on the config
+    if models[0].layer.adapters["default"].deterministic_init:  # may depend on the config
         # the init is a function of W0 alone (SVD / LU of the base weight): no seed may change it
         assert all(torch.equal(sds[0][k], sds[2][k]) for k in sds[0]), "a deterministic init changed with the seed"
     else:
@@ -498,3 +498,46 @@ def test_adapts_meta_device_model(method, kind, seed):
         assert t.device.type == "meta", f"{method}: {name} was created on {t.device}"
     cls = rw.get_method(method)
     assert rw.trainable_parameters(model) == cls.num_params(adapted.view, adapted.adapters["default"].config)
+
+
+# ---- the contract is checked when a method registers -------------------------------------------------
+def test_register_checks_the_contract():
+    """``@register`` refuses a class that is not a Method, lacks a view, declares an unknown layer
+    kind, or implements half of an optional capability — naming the class and what is missing."""
+    from dataclasses import dataclass
+
+    from rankwise.core.config import AdapterConfig
+    from rankwise.core.method import Method
+    from rankwise.core.registry import _REGISTRY, register
+
+    @dataclass
+    class Cfg(AdapterConfig):
+        pass
+
+    def make(**attrs):
+        body = {"Config": Cfg, "summary": "test", "__doc__": "ΔW = 0.",
+                "forward": lambda self, x, b: b, "delta_weight": lambda self: None,
+                "num_params": classmethod(lambda cls, v, c: 0), **attrs}
+        return type("Probe", (Method,), body)
+
+    cases = [
+        (type("Plain", (torch.nn.Module,), {}), "subclass rankwise.core.method.Method"),
+        (make(delta_weight=Method.delta_weight), "implement 'delta_weight'"),
+        (make(kinds=("linear", "conv3d")), "kinds="),
+        (make(summary=""), "summary"),
+        (make(calibration_needs=("activations",)), "calibration_needs="),
+        (make(peft_type="LORA"), "lacks"),
+        (make(peft_type="LORA", to_peft_config=classmethod(lambda c, cfg, v: {}),
+              peft_tensors=lambda self: {}, peft_accepts=classmethod(lambda c, p: True)), "PEFT import needs"),
+    ]
+    for cls, words in cases:
+        with pytest.raises(TypeError, match=words) as err:
+            register("probe_contract")(cls)
+        assert "probe_contract" in str(err.value)
+    assert "probe_contract" not in _REGISTRY
+    ok = make()
+    try:
+        assert register("probe_contract")(ok) is ok and ok.name == "probe_contract"
+        assert ok.kinds == rw.core.layers.KINDS and ok.merge_atol == 1e-5 and ok.identity_at_init
+    finally:
+        _REGISTRY.pop("probe_contract", None)
