@@ -3,7 +3,6 @@
 
 * :func:`weight_svd` — the thin SVD ``W0 = U diag(S) Vᵀ`` of a layer's canonical ``(out, in)``
   matrix, optionally truncated to the top ``rank`` triplets, with a canonical sign per triplet.
-* :func:`low_rank_out` — kept for ``lora_sb``; the methods here use ``core.ops.low_rank_apply``.
 * :func:`cayley` — an orthogonal ``r × r`` matrix from ``r(r-1)/2`` free parameters.
 
 Frozen factors computed from ``W0`` are registered as *non-persistent* buffers by the methods:
@@ -23,10 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..core.layers import LayerView
-
-
-def compute_dtype(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
+from ..linalg import compute_dtype
 
 
 @torch.no_grad()
@@ -49,26 +45,6 @@ def weight_svd(view: LayerView, rank: int | None = None):
     u, vt = u * sign, vt * sign[:, None]
     dt = view.param_dtype
     return u.to(dt).contiguous(), s.to(dt).contiguous(), vt.to(dt).contiguous()
-
-
-def low_rank_out(view: LayerView, x: torch.Tensor, base_out: torch.Tensor, a2d: torch.Tensor,
-                 b2d: torch.Tensor, mid=None) -> torch.Tensor:
-    """``base_out + B · mid(A x)`` with ``A (k, in)`` applied as the layer's own operation
-    (linear / conv / embedding lookup) and ``B (out, k)`` as a map on the channel axis.
-
-    ``mid`` (optional) acts on the ``k``-channel intermediate. For linear layers the last step
-    is one fused ``addmm`` into ``base_out``; when ``B`` is exactly zero the result equals
-    ``base_out`` bitwise.
-    """
-    if x.is_floating_point() and x.dtype != a2d.dtype:
-        x = x.to(a2d.dtype)
-    h = view.apply_in(x, a2d)
-    if mid is not None:
-        h = mid(h)
-    if view.is_linear and base_out.dtype == h.dtype == b2d.dtype:
-        out2d = torch.addmm(base_out.reshape(-1, b2d.shape[0]), h.reshape(-1, b2d.shape[1]), b2d.t())
-        return out2d.view(base_out.shape)
-    return base_out + view.apply_out(h, b2d).to(base_out.dtype)
 
 
 def num_skew(r: int) -> int:

@@ -45,7 +45,8 @@ from ..core.layers import LayerView
 from ..core.method import Method
 from ..core.ops import low_rank_apply
 from ..core.registry import register
-from ._svd_common import check_rank_fits, compute_dtype
+from ..linalg import compute_dtype
+from ._svd_common import check_rank_fits
 
 
 @dataclass
