@@ -36,10 +36,10 @@ from .layers import LayerView
 
 
 class AdaptedLayer(nn.Module):
-    def __init__(self, base: nn.Module, name: str):
+    def __init__(self, base: nn.Module, name: str, view: LayerView | None = None):
         super().__init__()
         self.base = base
-        self.view = LayerView(base, name)
+        self.view = LayerView(base, name) if view is None else view  # the adapters' own view of ``base``
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []

@@ -290,7 +290,7 @@ def adapt(
             p.requires_grad_(False)
     for tname, m, adapter in built:
         if not isinstance(m, AdaptedLayer):
-            m = AdaptedLayer(m, tname)
+            m = AdaptedLayer(m, tname, adapter.view)
             _set_module(model, tname, m)
         m.add(name, adapter)
     for mname in save_mods:
