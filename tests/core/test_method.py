@@ -504,6 +504,7 @@ def test_adapts_meta_device_model(method, kind, seed):
 def test_register_checks_the_contract():
     """``@register`` refuses a class that is not a Method, lacks a view, declares an unknown layer
     kind, or implements half of an optional capability — naming the class and what is missing."""
+    import inspect
     from dataclasses import dataclass
 
     from rankwise.core.config import AdapterConfig
@@ -523,6 +524,7 @@ def test_register_checks_the_contract():
     cases = [
         (type("Plain", (torch.nn.Module,), {}), "subclass rankwise.core.method.Method"),
         (make(delta_weight=Method.delta_weight), "implement 'delta_weight'"),
+        (make(num_params=inspect.getattr_static(Method, "num_params")), "implement 'num_params'"),
         (make(kinds=("linear", "conv3d")), "kinds="),
         (make(summary=""), "summary"),
         (make(calibration_needs=("activations",)), "calibration_needs="),

@@ -54,6 +54,7 @@ its members — the registry checks that when the class registers:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -175,10 +176,12 @@ CALIBRATION_NEEDS = ("input_cov", "input_svd", "grad")
 
 def check_contract(cls: type, name: str) -> None:
     """Raise ``TypeError`` naming what ``cls`` lacks to be registered as method ``name``."""
-    import dataclasses
 
     def fail(msg: str):
         raise TypeError(f"method class {cls.__name__} registered as '{name}': {msg}")
+
+    def has(members):
+        return [m for m in members if callable(getattr(cls, m, None))]
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         fail("subclass rankwise.core.method.Method.")
@@ -186,9 +189,7 @@ def check_contract(cls: type, name: str) -> None:
     if not (isinstance(cfg, type) and issubclass(cfg, AdapterConfig) and dataclasses.is_dataclass(cfg)):
         fail("set Config to a dataclass subclassing AdapterConfig.")
     for attr in ("forward", "delta_weight", "num_params"):
-        if getattr(cls, attr) is getattr(Method, attr) or (
-            attr == "num_params" and cls.num_params.__func__ is Method.num_params.__func__
-        ):
+        if inspect.getattr_static(cls, attr) is inspect.getattr_static(Method, attr):
             fail(f"implement '{attr}'.")
     bad = set(cls.kinds) - set(KINDS)
     if not cls.kinds or bad:
@@ -202,7 +203,6 @@ def check_contract(cls: type, name: str) -> None:
         fail(f"calibration_needs={needs!r}: use entries of {CALIBRATION_NEEDS}.")
     if cls.calibration_options is not None and not needs:
         fail("defines calibration_options but no calibration_needs.")
-    has = lambda members: [m for m in members if callable(getattr(cls, m, None))]  # noqa: E731
     if cls.peft_type is None and has(PEFT_EXPORT + PEFT_IMPORT):
         fail(f"has PEFT codec members {has(PEFT_EXPORT + PEFT_IMPORT)} but no peft_type; set it or drop them.")
     if cls.peft_type is not None and len(has(PEFT_EXPORT)) != len(PEFT_EXPORT):
