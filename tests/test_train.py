@@ -296,3 +296,56 @@ def test_progress_bar_shows_loss_and_lr(capsys):
     train(make_mlp(), make_data(), collate, ce_loss, TrainConfig(steps=3, batch_size=8), desc="mlp", progress=True)
     err = capsys.readouterr().err
     assert "mlp" in err and "loss=" in err and "lr=" in err
+
+
+# ---- non-finite losses and gradients ---------------------------------------------------------------
+def _poisoned(at_step: int, where: str):
+    """ce_loss, but at optimizer step ``at_step`` (1-based) the loss is NaN (``where="loss"``) or finite
+    with a NaN gradient (``where="grad"``: sqrt at 0 has an infinite derivative, times 0)."""
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = ce_loss(model, batch)
+        if calls["n"] == at_step:
+            w = model[0].weight
+            if where == "loss":
+                return loss * float("nan")
+            return loss + torch.sqrt((w - w.detach()).sum())
+        return loss
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_nonfinite_step_stops_and_keeps_the_last_checkpoint(tmp_path, where):
+    data = make_data()
+    model = make_mlp()
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, checkpoint_every=1)
+    with pytest.raises(rw.errors.NonFiniteLossError, match=r"step 3 .*intact.*on_nonfinite='skip'"):
+        train(model, data, collate, _poisoned(3, where), cfg, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "the poisoned update was applied"
+    state = json.loads((tmp_path / "ck" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    # the checkpoint holds the model of step 2, which is the model left in memory
+    resumed = make_mlp(seed=1)
+    load_checkpoint(tmp_path / "ck", resumed)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_nonfinite_step_is_skipped_when_asked(where):
+    data = make_data()
+    model = make_mlp()
+    res = train(model, data, collate, _poisoned(3, where),
+                TrainConfig(steps=6, batch_size=8, lr=1e-2, on_nonfinite="skip"), progress=False)
+    assert res.skipped == [3] and res.steps == 6 and len(res.losses) == 6
+    assert (math.isnan(res.losses[2])) == (where == "loss")
+    assert all(math.isfinite(v) for i, v in enumerate(res.losses) if i != 2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_on_nonfinite_is_validated():
+    with pytest.raises(ConfigError, match="on_nonfinite='ignore'.*'stop'.*'skip'"):
+        TrainConfig(on_nonfinite="ignore")

@@ -49,6 +49,10 @@ class CalibrationError(RankwiseError, ValueError):
     """A data-driven init got no, empty or unusable calibration data."""
 
 
+class NonFiniteLossError(RankwiseError, FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient; nothing was stepped or saved for it."""
+
+
 def close_names(name: str, candidates, n: int = 5) -> str:
     """Return ``" Did you mean: a, b?"`` for the closest candidates, or ``""``."""
     cands = sorted(set(candidates))

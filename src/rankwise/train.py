@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .core.rank import has_rank_hooks, rank_regularization, rank_step
-from .errors import ConfigError, CorruptFileError, ShapeMismatchError, close_names
+from .errors import ConfigError, CorruptFileError, NonFiniteLossError, ShapeMismatchError, close_names
 from .io.atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
 
 __all__ = [
@@ -67,6 +67,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end (if eval_fn given)
     checkpoint_every: int = 0  # 0 = no periodic checkpoints (a final one is written if checkpoint_dir)
     seed: int = 0  # batch order and torch RNG (dropout)
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (raise, last checkpoint kept) or "skip" the step
 
     def __post_init__(self):
         _check_int("steps", self.steps, 1)
@@ -75,6 +76,9 @@ class TrainConfig:
         _check_int("eval_every", self.eval_every, 0)
         _check_int("checkpoint_every", self.checkpoint_every, 0)
         _check_int("seed", self.seed, 0)
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"TrainConfig: on_nonfinite={self.on_nonfinite!r}; use 'stop' (raise at the first NaN/inf "
+                              "loss or gradient, keeping the last checkpoint) or 'skip' (drop that step's update).")
         _check_float("lr", self.lr, "a learning rate >= 0, e.g. 1e-3")
         _check_float("weight_decay", self.weight_decay, "a decay >= 0, e.g. 0.01")
         _check_float("warmup", self.warmup, "a fraction of steps (< 1, e.g. 0.06) or a number of steps")
@@ -114,6 +118,7 @@ class TrainResult:
     wall_time: float  # seconds spent in this call
     steps: int  # optimizer steps done in total (including those before a resume)
     lrs: list[float] = field(default_factory=list)  # learning rate (first param group) used at each step
+    skipped: list[int] = field(default_factory=list)  # steps of this call whose update was dropped (on_nonfinite="skip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ def train(
     was_training = model.training
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(config.seed)
-        step, losses, lrs, evals = 0, [], [], []
+        step, losses, lrs, evals, skipped = 0, [], [], [], []
         if resume and (Path(checkpoint_dir) / "trainer_state.json").exists():
             step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
             losses, lrs, evals = _history(checkpoint_dir, config)
@@ -234,15 +239,29 @@ def train(
                 reg = rank_regularization(model) if ranked else None  # e.g. AdaLoRA's orthogonality term
                 ((loss if reg is None else loss + reg) / config.grad_accum).backward()
                 total = loss.detach() if total is None else total + loss.detach()
-            if config.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            # the loss and the gradient norm (clipped or not) read together: one host sync per step
+            norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            mean_loss, norm_value = torch.stack([(total / config.grad_accum).float(),
+                                                 norm.float().to(total.device)]).tolist()
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            finite = math.isfinite(mean_loss) and math.isfinite(norm_value)
+            if not finite and config.on_nonfinite == "stop":
+                kept = f" (the last checkpoint in {checkpoint_dir} is intact)" if checkpoint_dir is not None else ""
+                raise NonFiniteLossError(
+                    f"train: step {step + 1} has loss {mean_loss} and gradient norm {norm_value} at lr {lr:.3g}; "
+                    f"nothing was stepped or saved for it{kept}. Lower the learning rate, keep gradient clipping "
+                    "on (max_grad_norm), check the data for empty or extreme examples, or pass "
+                    "TrainConfig(on_nonfinite='skip') to drop such steps.")
+            if finite:
+                optimizer.step()
+            else:  # on_nonfinite="skip": drop this step's update; the schedule moves on
+                optimizer.zero_grad(set_to_none=True)
+                skipped.append(step + 1)
             step += 1
-            if ranked:  # rank allocation, SoRA's proximal step, LaMDA's freezing: needs this step's .grad
+            if ranked and finite:  # rank allocation, SoRA's proximal step, LaMDA's freezing: needs this step's .grad
                 rank_step(model, step, optimizer, total_steps=config.steps)  # and lr (before the scheduler moves it)
             scheduler.step()
-            losses.append((total / config.grad_accum).item())  # the one host sync per step
+            losses.append(mean_loss)
             lrs.append(float(lr))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{float(lr):.2e}", refresh=False)
             bar.update(1)
@@ -257,7 +276,8 @@ def train(
         if eval_fn is not None and (not evals or evals[-1][0] != step):
             evals.append((step, _evaluate(model, eval_fn)))  # resumed at the end: nothing ran yet
     model.train(was_training)
-    return TrainResult(losses=losses, evals=evals, wall_time=time.perf_counter() - t0, steps=step, lrs=lrs)
+    return TrainResult(losses=losses, evals=evals, wall_time=time.perf_counter() - t0, steps=step, lrs=lrs,
+                       skipped=skipped)
 
 
 class _BatchOrder:
