@@ -205,3 +205,42 @@ def test_fractional_rank_is_frugals_round(dim, density):
     p = make_projector("svd", density)
     p.update(torch.randn(dim, 3 * dim), 0)  # left side: the projected dimension is dim
     assert p.basis.shape == (dim, max(1, official))
+
+
+# ---- non-finite gradients at a refresh ----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["svd", "randomized_svd", "random", "dct"])
+def test_refresh_on_a_nonfinite_gradient_keeps_the_basis(kind):
+    """A NaN/inf gradient on a refresh step keeps the previous basis with a warning (an SVD of NaNs
+    would raise inside optimizer.step()); a non-finite first gradient builds the basis from its
+    finite part."""
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(12, 20, generator=g)
+    p = make_projector(kind, 3, update_gap=2, state={})
+    assert p.update(grad, 0)
+    before = p.state["proj_basis"].clone() if "proj_basis" in p.state else None
+    bad = grad.clone()
+    bad[0, 0], bad[1, 1] = float("nan"), float("inf")
+    with pytest.warns(RuntimeWarning, match="NaN/inf.*kept the previous basis"):
+        assert not p.update(bad, 2)
+    if before is not None:
+        assert torch.equal(p.state["proj_basis"], before)
+    assert torch.isfinite(p.project(grad)).all()
+
+    fresh = make_projector(kind, 3, update_gap=2, state={})
+    with pytest.warns(RuntimeWarning, match="first gradient"):
+        assert fresh.update(bad, 0)
+    assert torch.isfinite(fresh.project(grad)).all()
+
+
+def test_galore_step_with_a_nan_gradient_on_a_refresh_step_does_not_raise():
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 12, bias=False)
+    opt = GaLoreAdamW(param_groups(lin, rank=3, update_proj_gap=2, min_dim=1), lr=1e-2)
+    for step in range(3):
+        lin.weight.grad = torch.randn_like(lin.weight)
+        if step == 2:
+            lin.weight.grad[0, 0] = float("nan")
+            with pytest.warns(RuntimeWarning, match="kept the previous basis"):
+                opt.step()
+        else:
+            opt.step()

@@ -64,6 +64,7 @@ with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -203,6 +204,15 @@ class Projector:
             self._bind_shape(grad.shape)
         if not self.due(step):
             return False
+        if not bool(torch.isfinite(grad).all()):  # one check per refresh: an SVD of NaNs raises mid-step()
+            if self._thin_known():
+                warnings.warn(f"{type(self).__name__}: the gradient at step {step} has NaN/inf entries; kept the "
+                              "previous basis (lower the learning rate or clip gradients).", RuntimeWarning,
+                              stacklevel=3)
+                return False
+            warnings.warn(f"{type(self).__name__}: the first gradient (step {step}) has NaN/inf entries; built the "
+                          "basis from its finite part.", RuntimeWarning, stacklevel=3)
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         with torch.no_grad():
             self._refresh(grad, step)
         return True
