@@ -92,6 +92,15 @@ def test_finetune_resume_continues(tiny_model_dir, tiny_csv, tmp_path):
     assert json.loads((out / "checkpoint/trainer_state.json").read_text())["step"] == 6
 
 
+def test_finetune_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tiny_csv, tmp_path):
+    """A typo in --out with --resume used to train silently from step 0."""
+    out = tmp_path / "typo"
+    with pytest.raises(rw.errors.ConfigError, match=r"--resume: .*typo.*holds no checkpoint.*without --resume"):
+        main(["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "sentence",
+              "--label-col", "topic", "--out", str(out), "--no-progress", "--resume"])
+    assert not out.exists(), "nothing may be written before the check"
+
+
 def test_finetune_bad_column_is_clear(tiny_model_dir, tiny_csv, tmp_path):
     with pytest.raises(ValueError, match="nope"):
         main(["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "nope",

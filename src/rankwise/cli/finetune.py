@@ -7,6 +7,7 @@ from pathlib import Path
 
 def run_finetune(args) -> dict:
     from ..data import read_table
+    from ..errors import ConfigError
     from ..integrations.hf import ClassificationTask, load_sequence_classifier
     from ..io.files import save
     from ..train import TrainConfig, train
@@ -15,6 +16,9 @@ def run_finetune(args) -> dict:
     from .main import _targets
 
     out = Path(args.out)
+    if args.resume and not (out / "checkpoint" / "trainer_state.json").is_file():
+        raise ConfigError(f"rankwise finetune --resume: {out / 'checkpoint'} holds no checkpoint (no trainer_state.json); "
+                          "check --out, or run without --resume to start from step 0.")
     data = read_table(args.data, args.text_col, args.label_col)
     if args.valid_data:
         train_ds, valid_ds = data, read_table(args.valid_data, args.text_col, args.label_col)
