@@ -349,3 +349,16 @@ def test_nonfinite_step_is_skipped_when_asked(where):
 def test_on_nonfinite_is_validated():
     with pytest.raises(ConfigError, match="on_nonfinite='ignore'.*'stop'.*'skip'"):
         TrainConfig(on_nonfinite="ignore")
+
+
+def test_resume_past_the_requested_steps_is_refused(tmp_path):
+    """Reliability case R4: a step-5 checkpoint resumed with steps=3 returned the 5-step model."""
+    data = make_data()
+    train(make_mlp(), data, collate, ce_loss, TrainConfig(steps=5, batch_size=8), checkpoint_dir=tmp_path / "c",
+          progress=False)
+    model = make_mlp(seed=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match=r"step 5, past steps=3.*steps >= 5"):
+        train(model, data, collate, ce_loss, TrainConfig(steps=3, batch_size=8), checkpoint_dir=tmp_path / "c",
+              resume=True, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the model must stay unchanged"

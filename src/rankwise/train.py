@@ -222,6 +222,11 @@ def train(
         torch.manual_seed(config.seed)
         step, losses, lrs, evals, skipped = 0, [], [], [], []
         if resume and (Path(checkpoint_dir) / "trainer_state.json").exists():
+            done = int(_read_state(Path(checkpoint_dir)).get("step", 0))
+            if done > config.steps:  # checked before anything is loaded: the model stays as it was
+                raise ConfigError(f"train: the checkpoint in {checkpoint_dir} is at step {done}, past steps="
+                                  f"{config.steps}; resuming would return the {done}-step model as if it had "
+                                  f"{config.steps}. Pass steps >= {done}, or another checkpoint_dir to start anew.")
             step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
             losses, lrs, evals = _history(checkpoint_dir, config)
         model.train()
