@@ -83,8 +83,9 @@ class RankAlphaConfig(AdapterConfig):
         super().__post_init__()
         self._check_int("rank")
         self._check(self.alpha is None or (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-                                           and self.alpha > 0),
-                    "alpha", "alpha must be positive (or None: alpha = rank).")
+                                           and 0 < self.alpha < 1e30),
+                    "alpha", "alpha must be a positive, finite number below 1e30 (or None: alpha = rank), "
+                    "e.g. alpha=16; a string or inf gives no usable scale.")
         self._check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                     "dropout", "dropout must be in [0, 1).")
         self._check(isinstance(self.rslora, bool), "rslora", "use True or False.")
