@@ -100,3 +100,15 @@ def test_pretrain_errors(tmp_path):
     bad.write_text(json.dumps({"vocab_size": 32000}))
     with pytest.raises(ConfigError, match="vocab_size=32000"):
         model_config(str(bad))
+
+
+def test_pretrain_with_a_diverging_lr_fails_and_writes_no_nan_weights(tmp_path):
+    """Reliability case T2: --lr 1e20 used to exit 0 with every saved weight NaN."""
+    from rankwise.errors import NonFiniteLossError
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="NaN|nan|inf"):
+        main(_args(out, "--model-config", str(cfg), "--optimizer", "adamw", "--lr", "1e20", "--steps", "6"))
+    assert not (out / "model.safetensors").exists()
