@@ -139,6 +139,9 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
     """
     cfg, tensors = read(path)
     saved = cfg["adapters"]
+    if not isinstance(saved, dict) or not saved:
+        raise CorruptFileError(f"{path}: adapter_config.json holds no adapter ('adapters' is {saved!r}); nothing "
+                               "would be loaded. Save the adapter again with rw.save(model, path).")
     names = list(saved) if names is None else ([names] if isinstance(names, str) else list(names))
     state = adapter_state(model)
     modules = dict(model.named_modules())

@@ -80,6 +80,9 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     """Load a PEFT adapter directory onto ``model`` (the plain base model) as adapter ``name``."""
     path = Path(path)
     pcfg = read_json(path / "adapter_config.json", "is this a PEFT adapter directory?")
+    if isinstance(pcfg, dict) and "adapters" in pcfg and "peft_type" not in pcfg:
+        raise ConfigError(f"{path} is a rankwise adapter (written by rw.save), not a PEFT one; load it with "
+                          f"rw.load(model, '{path}').")
     wfile = path / "adapter_model.safetensors"
     tensors = read_tensors(wfile, "rankwise reads safetensors only, never pickled .bin files.")
 
