@@ -131,3 +131,20 @@ def test_read_table_errors(tmp_path):
     other.write_text("")
     with pytest.raises(ConfigError, match=r"'\.parquet'.*\.csv.*\.jsonl"):
         read_table(other)
+
+
+def test_jsonl_null_text_is_refused(tmp_path):
+    """Reliability case D10: a null text became the string 'null'."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine", "label": "a"}\n{"text": null, "label": "b"}\n')
+    with pytest.raises(ConfigError, match=r"line 2 of .*null 'text'"):
+        read_table(p)
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_non_utf8_file_names_the_line(tmp_path, encoding):
+    """Reliability case D2: a raw UnicodeDecodeError with no file or line."""
+    p = tmp_path / "d.csv"
+    p.write_bytes("text,label\nok,a\ncaf\u00e9,b\n".encode(encoding))
+    with pytest.raises(ConfigError, match=r"d\.csv is not UTF-8 text at line \d+ \(byte 0x[0-9a-f]{2}\).*UTF-8"):
+        read_table(p)

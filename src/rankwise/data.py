@@ -257,7 +257,10 @@ def read_table(path: str | os.PathLike, text_col: str = "text", label_col: str =
                           "a header row or a .jsonl file with one JSON object per line.")
     if not path.is_file():
         raise FileNotFoundError(f"read_table: no such file: {path}")
-    rows = _read_csv(path, text_col, label_col) if ext == ".csv" else _read_jsonl(path, text_col, label_col)
+    try:
+        rows = _read_csv(path, text_col, label_col) if ext == ".csv" else _read_jsonl(path, text_col, label_col)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     if not rows:
         raise ConfigError(f"read_table: {path} has no data rows; it needs a header row and at least one "
                           "example." if ext == ".csv" else f"read_table: {path} has no JSON lines.")
@@ -275,6 +278,19 @@ def read_table(path: str | os.PathLike, text_col: str = "text", label_col: str =
     label_names = sorted(set(names))
     index = {name: i for i, name in enumerate(label_names)}
     return TextDataset(texts, [index[n] for n in names], label_names)
+
+
+def _not_utf8(path: Path) -> ConfigError:
+    """Name the line and byte of the first byte sequence that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        where = f" at line {line} (byte 0x{raw[e.start]:02x})"
+    return ConfigError(f"read_table: {path} is not UTF-8 text{where}; save it as UTF-8 (e.g. iconv -f latin1 "
+                       "-t utf-8, or 'Save as CSV UTF-8' in a spreadsheet).")
 
 
 def _read_csv(path: Path, text_col: str, label_col: str) -> list[tuple[str, str]]:
@@ -312,6 +328,9 @@ def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[tuple[str, ob
                                        f'{{"{text_col}": "...", "{label_col}": ...}}.')
             _check_columns(path, list(obj), text_col, label_col, where=f"line {line_no} of ")
             text, label = obj[text_col], obj[label_col]
+            if text is None:
+                raise ConfigError(f"read_table: line {line_no} of {path} has a null {text_col!r}; give every "
+                                  "example a text, or drop the line.")
             if label is None:
                 raise ConfigError(f"read_table: line {line_no} of {path} has a null {label_col!r}; give every "
                                   "example a label.")

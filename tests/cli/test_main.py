@@ -101,6 +101,16 @@ def test_finetune_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tiny_c
     assert not out.exists(), "nothing may be written before the check"
 
 
+def test_finetune_on_a_single_class_is_an_error(tiny_model_dir, tmp_path):
+    """Reliability case D6: one class trained a 1-output head and reported accuracy 1, loss 0."""
+    p = tmp_path / "one.csv"
+    p.write_text("sentence,topic\n" + "".join(f"text number {i},net\n" for i in range(10)))
+    with pytest.raises(rw.errors.ConfigError, match=r"single class.*at least two"):
+        main(["finetune", "--model", str(tiny_model_dir), "--data", str(p), "--text-col", "sentence",
+              "--label-col", "topic", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_finetune_bad_column_is_clear(tiny_model_dir, tiny_csv, tmp_path):
     with pytest.raises(ValueError, match="nope"):
         main(["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "nope",

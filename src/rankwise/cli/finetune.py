@@ -20,6 +20,9 @@ def run_finetune(args) -> dict:
         raise ConfigError(f"rankwise finetune --resume: {out / 'checkpoint'} holds no checkpoint (no trainer_state.json); "
                           "check --out, or run without --resume to start from step 0.")
     data = read_table(args.data, args.text_col, args.label_col)
+    if len(set(data.labels)) < 2:
+        raise ConfigError(f"rankwise finetune: {args.data} has a single class ({len(data)} rows, column "
+                          f"{args.label_col!r}); classification needs at least two. Check --label-col and the file.")
     if args.valid_data:
         train_ds, valid_ds = data, read_table(args.valid_data, args.text_col, args.label_col)
     else:
