@@ -111,6 +111,18 @@ def test_finetune_on_a_single_class_is_an_error(tiny_model_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_finetune_max_length_is_checked(tiny_model_dir, tiny_csv, tmp_path, capsys):
+    """Reliability case T4: --max-length 0 silently disabled truncation, and a length above the
+    model's positions crashed training on the first long text."""
+    base = ["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "sentence",
+            "--label-col", "topic", "--out", str(tmp_path / "x"), "--no-progress"]
+    with pytest.raises(SystemExit):
+        main(base + ["--max-length", "0"])
+    assert "argument --max-length: must be an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(rw.errors.ConfigError, match=r"--max-length 100000 is above the \d+ positions"):
+        main(base + ["--max-length", "100000"])
+
+
 def test_finetune_bad_column_is_clear(tiny_model_dir, tiny_csv, tmp_path):
     with pytest.raises(ValueError, match="nope"):
         main(["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "nope",

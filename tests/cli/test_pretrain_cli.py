@@ -112,3 +112,13 @@ def test_pretrain_with_a_diverging_lr_fails_and_writes_no_nan_weights(tmp_path):
     with pytest.raises(NonFiniteLossError, match="NaN|nan|inf"):
         main(_args(out, "--model-config", str(cfg), "--optimizer", "adamw", "--lr", "1e20", "--steps", "6"))
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--seq-len", "--valid-tokens", "--steps", "--batch-size"])
+def test_zero_sizes_are_refused_by_the_parser(tmp_path, capsys, flag):
+    """Reliability case PT1: --seq-len 0 / --valid-tokens 0 raised a raw numpy error after loading."""
+    with pytest.raises(SystemExit) as e:
+        main(_args(tmp_path / "run", flag, "0"))
+    assert e.value.code == 2
+    assert f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -28,11 +28,17 @@ def run_finetune(args) -> dict:
     else:
         train_ds, valid_ds = data.split(valid_frac=args.valid_frac, seed=args.seed)
     model, tok = load_sequence_classifier(args.model, num_labels=len(data.label_names), seed=args.seed)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    positions = positions if isinstance(positions, int) else None
+    max_length = args.max_length or (min(128, positions) if positions else 128)
+    if positions and max_length > positions:
+        raise ConfigError(f"rankwise finetune: --max-length {max_length} is above the {positions} positions of "
+                          f"{args.model}; longer texts would crash training. Pass --max-length {positions} or less.")
     head = ([m.strip() for m in args.modules_to_save.split(",")] if args.modules_to_save
             else _head_names(model))
     opts = {} if args.method == FULL else method_options(
         args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=_targets(args.targets))
-    task = ClassificationTask(tok, max_length=args.max_length)
+    task = ClassificationTask(tok, max_length=max_length)
     train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
     model = prepare(model, args.method, opts, head, args.seed,
                     **common.calibration_for(args.method, task, train_enc, args.batch_size))

@@ -6,6 +6,17 @@ import argparse
 import sys
 
 
+def positive_int(s: str) -> int:
+    """argparse type: an integer ≥ 1 (steps, batch sizes, lengths); 0 or a negative is refused at once."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
+    return v
+
+
 def _targets(s: str | None):
     """'all-linear', a comma list of suffixes ('query,value'), or a regex (anything with regex chars)."""
     if s is None or s == "all-linear":
@@ -26,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of methods ('full' = full fine-tuning), or 'all' for every registered "
                         "method (default: full fine-tuning and a lineup of representative methods)")
     d.add_argument("--model", default=None, help="model folder or hub id (default: bundled all-MiniLM-L6-v2)")
-    d.add_argument("--steps", type=int, default=80)
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--max-length", type=int, default=64)
+    d.add_argument("--steps", type=positive_int, default=80)
+    d.add_argument("--batch-size", type=positive_int, default=16)
+    d.add_argument("--max-length", type=positive_int, default=64)
     d.add_argument("--rank", type=int, default=None,
                    help="rank of every method that has one (default: each method's demo rank, else 8)")
     d.add_argument("--per-family", type=int, default=150, help="examples per label (train+valid)")
@@ -49,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dropout", type=float, default=None)
     f.add_argument("--targets", default="all-linear", help="'all-linear', 'query,value' or a regex")
     f.add_argument("--modules-to-save", default=None, help="comma list (default: the classification head)")
-    f.add_argument("--steps", type=int, default=200)
-    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--steps", type=positive_int, default=200)
+    f.add_argument("--batch-size", type=positive_int, default=16)
     f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--max-length", type=int, default=128)
+    f.add_argument("--max-length", type=positive_int, default=None,
+                   help="tokens per text (default 128, or the model's positions if fewer)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, help="output folder: adapter/, checkpoint/, report.md")
     f.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
@@ -73,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV/JSONL for the representation measures; alone: stdlib docstrings")
     a.add_argument("--text-col", default="text")
     a.add_argument("--label-col", default="label")
-    a.add_argument("--max-examples", type=int, default=128)
-    a.add_argument("--max-length", type=int, default=64)
-    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--max-examples", type=positive_int, default=128)
+    a.add_argument("--max-length", type=positive_int, default=64)
+    a.add_argument("--batch-size", type=positive_int, default=32)
     a.add_argument("--top-k", type=int, default=10, help="intruder dimensions among the top k singular vectors")
     a.add_argument("--eps", type=float, default=0.5, help="intruder cosine-similarity threshold")
     a.add_argument("--rank", type=int, default=8, help="r of the amplification factor and subspace similarity")

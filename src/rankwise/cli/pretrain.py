@@ -321,6 +321,8 @@ def _plot(path: Path, losses: list[float], evals, title: str) -> None:
 
 def add_parser(sub) -> None:
     """Register ``rankwise pretrain`` on the CLI's subparsers."""
+    from .main import positive_int
+
     p = sub.add_parser("pretrain", help="pretrain a small LLaMA on the stdlib's source with a memory-efficient "
                                         "optimizer; writes report.md, loss_curve.png, model.safetensors")
     p.add_argument("--model-config", default="llama-tiny",
@@ -333,12 +335,12 @@ def add_parser(sub) -> None:
                                                      "randomized_svd, random, dct, hadamard, online_pca)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per optimizer)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction (< 1) or steps")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
-    p.add_argument("--valid-tokens", type=int, default=16384)
+    p.add_argument("--valid-tokens", type=positive_int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", required=True, help="output folder")
