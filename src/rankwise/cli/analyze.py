@@ -181,6 +181,9 @@ def run_analyze(args) -> dict:
     if not args.adapter and not args.finetuned:
         raise ConfigError("rankwise analyze: pass --adapter <dir> (one or more) or --finetuned <model folder>.")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked before the analysis, which can take minutes
+        raise ConfigError(f"rankwise analyze: --out {out} is an existing file, not a folder; pass a folder path "
+                          "for report.html and report.md.")
     batches, data_note = (None, "")
     if args.data is not None:
         batches, data_note = make_batches(args.base, args.data, args.text_col, args.label_col, args.max_examples,
