@@ -123,6 +123,16 @@ def test_finetune_max_length_is_checked(tiny_model_dir, tiny_csv, tmp_path, caps
         main(base + ["--max-length", "100000"])
 
 
+def test_finetune_with_too_little_data_for_a_validation_split(tiny_model_dir, tmp_path):
+    """Reliability case D9: one row per label gave an empty validation split and a raw IndexError."""
+    p = tmp_path / "two.csv"
+    p.write_text("sentence,topic\nfirst text,net\nsecond text,text\n")
+    with pytest.raises(rw.errors.ConfigError, match=r"2 rows\) leaves an empty validation split.*--valid-data"):
+        main(["finetune", "--model", str(tiny_model_dir), "--data", str(p), "--text-col", "sentence",
+              "--label-col", "topic", "--out", str(tmp_path / "x"), "--no-progress", "--batch-size", "1"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_finetune_bad_column_is_clear(tiny_model_dir, tiny_csv, tmp_path):
     with pytest.raises(ValueError, match="nope"):
         main(["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "nope",

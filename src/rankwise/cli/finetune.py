@@ -27,6 +27,10 @@ def run_finetune(args) -> dict:
         train_ds, valid_ds = data, read_table(args.valid_data, args.text_col, args.label_col)
     else:
         train_ds, valid_ds = data.split(valid_frac=args.valid_frac, seed=args.seed)
+    if not len(train_ds) or not len(valid_ds):
+        raise ConfigError(f"rankwise finetune: {args.data} ({len(data)} rows) leaves an empty "
+                          f"{'validation' if len(train_ds) else 'training'} split; a label needs at least 2 examples "
+                          "to be split. Add examples, or pass --valid-data with a separate file.")
     model, tok = load_sequence_classifier(args.model, num_labels=len(data.label_names), seed=args.seed)
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     positions = positions if isinstance(positions, int) else None
