@@ -148,3 +148,13 @@ def test_non_utf8_file_names_the_line(tmp_path, encoding):
     p.write_bytes("text,label\nok,a\ncaf\u00e9,b\n".encode(encoding))
     with pytest.raises(ConfigError, match=r"d\.csv is not UTF-8 text at line \d+ \(byte 0x[0-9a-f]{2}\).*UTF-8"):
         read_table(p)
+
+
+def test_csv_field_over_the_csv_limit_is_named(tmp_path):
+    """Reliability case D3: a raw ``_csv.Error: field larger than field limit (131072)``."""
+    import csv
+
+    p = tmp_path / "big.csv"
+    p.write_text("text,label\nshort,a\n" + "x" * (csv.field_size_limit() + 10) + ",b\n")
+    with pytest.raises(ConfigError, match=r"big\.csv cannot be parsed after line 2 .*csv limit of \d+ characters.*jsonl"):
+        read_table(p)

@@ -302,13 +302,24 @@ def _read_csv(path: Path, text_col: str, label_col: str) -> list[tuple[str, str]
                               f"(e.g. {text_col},{label_col}) and at least one example.")
         _check_columns(path, columns, text_col, label_col)
         rows = []
-        for line, row in enumerate(reader, start=2):
-            text, label = row.get(text_col), row.get(label_col)
-            if text is None or label is None or label.strip() == "":
-                raise ConfigError(f"read_table: row {line} of {path} has no value in column "
-                                  f"{text_col if text is None else label_col!r}; fill it or drop the row.")
-            rows.append((text, label.strip()))
+        try:
+            for line, row in enumerate(reader, start=2):
+                rows.append(_csv_row(path, line, row, text_col, label_col))
+        except csv.Error as e:
+            limit = csv.field_size_limit()
+            hint = (f"a field is longer than Python's csv limit of {limit} characters; split long texts or use a "
+                    ".jsonl file" if "field larger" in str(e) else "check its quoting (an unclosed quote runs on "
+                    "to the end of the file)")
+            raise ConfigError(f"read_table: {path} cannot be parsed after line {reader.line_num} ({e}); {hint}.") from None
     return rows
+
+
+def _csv_row(path: Path, line: int, row: dict, text_col: str, label_col: str) -> tuple[str, str]:
+    text, label = row.get(text_col), row.get(label_col)
+    if text is None or label is None or label.strip() == "":
+        raise ConfigError(f"read_table: row {line} of {path} has no value in column "
+                          f"{text_col if text is None else label_col!r}; fill it or drop the row.")
+    return text, label.strip()
 
 
 def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[tuple[str, object]]:
