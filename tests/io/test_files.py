@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import torch
 from torch import nn
 
 import rankwise as rw
@@ -36,3 +37,43 @@ def test_import_peft_of_a_rankwise_adapter_points_to_load(tmp_path):
     base, path = _saved(tmp_path)
     with pytest.raises(rw.errors.ConfigError, match=r"is a rankwise adapter.*rw\.load\(model"):
         rw.import_peft(copy.deepcopy(base), path)
+
+
+def _exported(tmp_path):
+    base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["0", "2"], seed=0)
+    rw.export_peft(model, tmp_path / "peft")
+    return base, tmp_path / "peft"
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda c: c.update(lora_alpha="sixteen"), r"has a value rankwise cannot read .*sixteen"),
+    (lambda c: c.pop("r"), r"lacks the field 'r'"),
+])
+def test_import_peft_config_errors_name_the_field(tmp_path, edit, words):
+    """Reliability case E3: a raw ValueError / KeyError with no file or field named."""
+    base, path = _exported(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    edit(cfg)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = copy.deepcopy(base)
+    with pytest.raises(rw.errors.ConfigError, match=words + r".*adapter_config\.json|adapter_config\.json.*" + words):
+        rw.import_peft(model, path)
+    assert not rw.core.api.adapter_state(model)
+
+
+def test_import_peft_missing_tensor_names_module_and_key(tmp_path):
+    """Reliability case E10: a raw KeyError 'lora_B.weight'; the model must stay unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    base, path = _exported(tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    drop = next(k for k in tensors if k.endswith("2.lora_B.weight"))
+    del tensors[drop]
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(rw.errors.CorruptFileError, match=r"lacks tensor 'lora_B\.weight' of module '2'.*unchanged"):
+        rw.import_peft(model, path)
+    assert not rw.core.api.adapter_state(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

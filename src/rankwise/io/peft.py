@@ -22,7 +22,7 @@ from ..core.api import adapt, adapted_layers, adapter_state, exact_targets, rest
 from ..core.api import delete as delete_adapter
 from ..core.calibrate import LOAD_STATE
 from ..core.registry import get_method, methods
-from ..errors import ConfigError, CorruptFileError, ShapeMismatchError, TargetError
+from ..errors import ConfigError, CorruptFileError, RankwiseError, ShapeMismatchError, TargetError
 from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
 
 PREFIX = "base_model.model."
@@ -147,7 +147,15 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
                     f"module '{mod}': PEFT tensor '{pname}' has shape {tuple(t.shape)}, the model's is "
                     f"{tuple(own[pname].shape) if pname in own else 'missing'}."
                 )
-    opts = cls.from_peft_config(pcfg)
+    try:
+        opts = cls.from_peft_config(pcfg)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, RankwiseError):
+            raise
+        what = (f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError)
+                else f"has a value rankwise cannot read ({e})")
+        raise ConfigError(f"the PEFT adapter_config.json in {path} {what}; fix the file or re-export the adapter "
+                          "from PEFT (numbers as numbers, e.g. \"r\": 8, \"lora_alpha\": 16).") from None
     targets = exact_targets(sorted(per_module))
     snap = snapshot(model)
     module_ov = getattr(cls, "peft_module_overrides", None)  # e.g. EVA's rank_pattern
@@ -155,15 +163,20 @@ def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn
     adapt(model, cls.Config(targets=targets, modules_to_save=sorted(saved_mods), **opts), name=name,
           calibration=LOAD_STATE if cls.calibration_needs else None,
           module_overrides=module_ov(pcfg, sorted(per_module)) if module_ov else None)
+    mod = None
     try:
         layers = dict(adapted_layers(model))
         for mod, ts in per_module.items():
             layers[mod].adapters[name].load_peft_tensors(ts)
         if shared_tensors:
             cls.load_peft_shared(adapter_state(model)[name]["shared"], shared_tensors)
-    except Exception:
+    except Exception as e:
         delete_adapter(model, name)
         restore(model, snap)
+        if isinstance(e, KeyError):  # a tensor the method needs is not in the file
+            raise CorruptFileError(f"{wfile} lacks tensor {e.args[0]!r} of module '{mod}' (it has "
+                                   f"{sorted(per_module.get(mod, {}))}); the file is incomplete: export the "
+                                   "adapter again. The model is unchanged.") from None
         raise
     with torch.no_grad():
         for mod, params in base_weights.items():
