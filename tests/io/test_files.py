@@ -77,3 +77,12 @@ def test_import_peft_missing_tensor_names_module_and_key(tmp_path):
         rw.import_peft(model, path)
     assert not rw.core.api.adapter_state(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_load_onto_a_meta_device_model_is_refused(tmp_path):
+    """Reliability case A10: rw.load on a meta model kept the adapter on meta and dropped the values."""
+    base, path = _saved(tmp_path)
+    meta = copy.deepcopy(base).to("meta")
+    with pytest.raises(rw.errors.ConfigError, match=r"module '0' is on the meta device.*to_empty.*then rw\.load"):
+        rw.load(meta, path)
+    assert not rw.core.api.adapter_state(meta)

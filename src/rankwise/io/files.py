@@ -38,7 +38,7 @@ from ..core.api import (
 from ..core.api import delete as delete_adapter
 from ..core.calibrate import LOAD_STATE
 from ..core.registry import get_method
-from ..errors import AdapterExistsError, CorruptFileError, ShapeMismatchError, TargetError
+from ..errors import AdapterExistsError, ConfigError, CorruptFileError, ShapeMismatchError, TargetError
 from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -159,6 +159,13 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
                     f"which this {type(model).__name__} does not have. Load it onto the model it was trained on."
                 )
             base = m.base if mname in layers else m
+            weight = getattr(base, "weight", None)
+            if weight is not None and weight.device.type == "meta":
+                raise ConfigError(
+                    f"module '{mname}' is on the meta device (it has no storage), so the values of adapter "
+                    f"'{name}' in {path} would be dropped. Materialize the model first (model.to_empty(device=...) "
+                    "and load its base weights), then rw.load."
+                )
             got = tuple(getattr(base, "weight", torch.empty(0)).shape)
             if got != tuple(info["weight_shape"]):
                 raise ShapeMismatchError(
