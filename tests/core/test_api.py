@@ -680,3 +680,23 @@ def test_saved_files_follow_umask(bert, tmp_path):
         os.umask(old)
     assert (tmp_path / "ad").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "ad" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_training_through_a_merged_adapter_is_refused():
+    """Reliability case A21: backward through a merged model raised torch's 'element 0 of tensors
+    does not require grad'; the adapter would silently get no gradient."""
+    import torch
+    from torch import nn
+
+    model = rw.adapt(nn.Sequential(nn.Linear(4, 3)), "lora", rank=2, targets=["0"], seed=0)
+    rw.merge(model)
+    x = torch.randn(2, 4)
+    model.eval()
+    model(x)  # inference is fine
+    with torch.no_grad():
+        model.train()(x)
+    with pytest.raises(rw.errors.ConfigError, match=r"module '0'.*merged.*rw\.unmerge\(model\) before training"):
+        model.train()(x)
+    rw.unmerge(model)
+    model(x).sum().backward()
+    assert model[0].adapters["default"].lora_B.grad is not None

@@ -31,7 +31,7 @@ import copy
 import torch
 from torch import nn
 
-from ..errors import AdapterNotFoundError
+from ..errors import AdapterNotFoundError, ConfigError
 from .layers import LayerView
 
 
@@ -66,6 +66,13 @@ class AdaptedLayer(nn.Module):
             raise
 
     def forward(self, x, *args, **kwargs):
+        if self.merged and self.training and torch.is_grad_enabled() and any(
+                p.requires_grad for n in self.merged for p in self.adapters[n].parameters()):
+            raise ConfigError(
+                f"module '{self.view.name}': adapter(s) {self.merged} are merged into the base weight, so their "
+                "parameters would get no gradient. Call rw.unmerge(model) before training; for inference use "
+                "model.eval() or torch.no_grad()."
+            )
         live = [n for n in self.active if n not in self.merged]
         if live and not args and not kwargs and self.adapters[live[0]].computes_base:
             # the first adapter folds W0 into its own product (one matmul with W0 + ΔW): forward(x, None)
