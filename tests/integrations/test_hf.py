@@ -88,3 +88,27 @@ def test_short_finetune_on_real_text_learns(minilm):
     after = task.accuracy(model, enc)
     assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
     assert after > max(before, 0.5)
+
+
+@pytest.mark.parametrize("path", ["./no_such_folder", "/tmp/definitely/not/here", "~/nope_rankwise",
+                                  "a/b/c", "tests/no_model"])
+def test_a_missing_local_path_is_refused_at_once(path, monkeypatch):
+    """Reliability case AN5: a local typo retried the hub for 25-50 s before failing."""
+    from rankwise.integrations.hf import check_model_path
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online, no hub request is made
+    with pytest.raises(FileNotFoundError, match=r"no such folder .*local path"):
+        check_model_path(path)
+
+
+def test_hub_ids_pass_the_path_check(monkeypatch, tmp_path):
+    from rankwise.integrations.hf import check_model_path
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert check_model_path("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert check_model_path("gpt2") == "gpt2"
+    assert check_model_path(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1"):
+        check_model_path("gpt2")

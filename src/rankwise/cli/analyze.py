@@ -180,6 +180,11 @@ def run_analyze(args) -> dict:
     _quiet()
     if not args.adapter and not args.finetuned:
         raise ConfigError("rankwise analyze: pass --adapter <dir> (one or more) or --finetuned <model folder>.")
+    from ..integrations.hf import check_model_path
+
+    check_model_path(args.base, "--base")
+    for folder in args.finetuned or []:
+        check_model_path(folder, "--finetuned")
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # checked before the analysis, which can take minutes
         raise ConfigError(f"rankwise analyze: --out {out} is an existing file, not a folder; pass a folder path "

