@@ -158,3 +158,19 @@ def test_csv_field_over_the_csv_limit_is_named(tmp_path):
     p.write_text("text,label\nshort,a\n" + "x" * (csv.field_size_limit() + 10) + ",b\n")
     with pytest.raises(ConfigError, match=r"big\.csv cannot be parsed after line 2 .*csv limit of \d+ characters.*jsonl"):
         read_table(p)
+
+
+@pytest.mark.parametrize("labels", [[0, 5, 1000000], [99999999999, 1], [30000000, 30000000, 2]])
+def test_integer_labels_far_above_the_classes_are_refused(tmp_path, labels):
+    """Reliability case D8: ids used as class indices made a head of a million classes (or a MemoryError)."""
+    p = tmp_path / "ids.csv"
+    p.write_text("text,label\n" + "".join(f"text {i},{y}\n" for i, y in enumerate(labels)))
+    with pytest.raises(ConfigError, match=r"go up to \d+ but only \d distinct values.*map them to 0\.\.k-1"):
+        read_table(p)
+
+
+def test_integer_labels_with_gaps_below_the_limit_are_kept(tmp_path):
+    p = tmp_path / "gaps.csv"
+    p.write_text("text,label\na,0\nb,5\nc,2\n")
+    ds = read_table(p)
+    assert ds.labels == [0, 5, 2] and len(ds.label_names) == 6

@@ -273,6 +273,12 @@ def read_table(path: str | os.PathLike, text_col: str = "text", label_col: str =
         if neg:
             raise ConfigError(f"read_table: integer label {neg[0]} in {path} is negative; integer labels must "
                               "be 0..num_labels-1 (or use label names, which are mapped to ints).")
+        distinct = len(set(labels))
+        if max(labels) >= 1000 and max(labels) + 1 > 10 * distinct:
+            raise ConfigError(f"read_table: integer labels in {path} go up to {max(labels)} but only {distinct} "
+                              f"distinct values occur: they would make a head of {max(labels) + 1} classes. If they "
+                              "are ids rather than class indices 0..k-1, map them to 0..k-1 or write them as names "
+                              "(e.g. 'id_1000000'), which are mapped for you.")
         return TextDataset(texts, labels, [str(i) for i in range(max(labels) + 1)])
     names = [y if isinstance(y, str) else json.dumps(y) for y in raw]
     label_names = sorted(set(names))
