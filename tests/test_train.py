@@ -362,3 +362,21 @@ def test_resume_past_the_requested_steps_is_refused(tmp_path):
         train(model, data, collate, ce_loss, TrainConfig(steps=3, batch_size=8), checkpoint_dir=tmp_path / "c",
               resume=True, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the model must stay unchanged"
+
+
+def test_resume_on_other_data_warns(tmp_path):
+    """Reliability case R3: resuming on another data file (or tokenization length) went unnoticed."""
+    import warnings as _w
+
+    data, other = make_data(seed=0), make_data(seed=1)
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2)
+    train(make_mlp(), data, collate, ce_loss, TrainConfig(steps=2, batch_size=8), checkpoint_dir=tmp_path / "c",
+          progress=False)
+    with pytest.warns(UserWarning, match="different training data"):
+        train(make_mlp(), other, collate, ce_loss, cfg, checkpoint_dir=tmp_path / "c", resume=True, progress=False)
+    train(make_mlp(), data, collate, ce_loss, TrainConfig(steps=2, batch_size=8), checkpoint_dir=tmp_path / "d",
+          progress=False)
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # the same data resumes silently
+        train(make_mlp(), data, collate, ce_loss, TrainConfig(steps=2, batch_size=8), checkpoint_dir=tmp_path / "d",
+              resume=True, progress=False)

@@ -221,6 +221,7 @@ def train(
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(config.seed)
         step, losses, lrs, evals, skipped = 0, [], [], [], []
+        digest = _fingerprint(train_data) if checkpoint_dir is not None else None
         if resume and (Path(checkpoint_dir) / "trainer_state.json").exists():
             done = int(_read_state(Path(checkpoint_dir)).get("step", 0))
             if done > config.steps:  # checked before anything is loaded: the model stays as it was
@@ -228,7 +229,7 @@ def train(
                                   f"{config.steps}; resuming would return the {done}-step model as if it had "
                                   f"{config.steps}. Pass steps >= {done}, or another checkpoint_dir to start anew.")
             step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
-            losses, lrs, evals = _history(checkpoint_dir, config)
+            losses, lrs, evals = _history(checkpoint_dir, config, digest)
         model.train()
         bar = _progress(config.steps, step, desc, progress)
         while step < config.steps:
@@ -276,7 +277,7 @@ def train(
             if checkpoint_dir is not None and (step == config.steps or (
                     config.checkpoint_every and step % config.checkpoint_every == 0)):
                 save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, config=config,
-                                history={"losses": losses, "lrs": lrs, "evals": evals})
+                                history={"losses": losses, "lrs": lrs, "evals": evals, "data": digest})
         bar.close()
         if eval_fn is not None and (not evals or evals[-1][0] != step):
             evals.append((step, _evaluate(model, eval_fn)))  # resumed at the end: nothing ran yet
@@ -320,7 +321,33 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def _history(checkpoint_dir, config: TrainConfig):
+def _fingerprint(data: Sequence) -> str:
+    """A cheap digest of the training data: its length and its first, middle and last examples (the
+    tensors' bytes): another file, split or tokenization length gives another digest."""
+    import hashlib
+
+    h = hashlib.sha256(str(len(data)).encode())
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        else:
+            h.update(repr(x).encode())
+
+    for i in sorted({0, len(data) // 2, len(data) - 1}) if len(data) else ():
+        feed(data[i])
+    return h.hexdigest()[:16]
+
+
+def _history(checkpoint_dir, config: TrainConfig, data_digest: str | None = None):
     state = _read_state(Path(checkpoint_dir))
     saved = state.get("config") or {}
     changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
@@ -329,6 +356,10 @@ def _history(checkpoint_dir, config: TrainConfig):
         warnings.warn(f"train: resuming from {checkpoint_dir} with a different config ({'; '.join(changed)}); "
                       "the run will not match an uninterrupted one.", stacklevel=3)
     hist = state.get("history") or {}
+    if data_digest is not None and hist.get("data") not in (None, data_digest):
+        warnings.warn(f"train: resuming from {checkpoint_dir} with different training data (another file, split "
+                      "or tokenization length than the run that wrote it); the run will not match an "
+                      "uninterrupted one.", stacklevel=3)
     evals = [(int(s), dict(m)) for s, m in hist.get("evals", [])]
     return [float(v) for v in hist.get("losses", [])], [float(v) for v in hist.get("lrs", [])], evals
 
