@@ -86,3 +86,31 @@ def test_load_onto_a_meta_device_model_is_refused(tmp_path):
     with pytest.raises(rw.errors.ConfigError, match=r"module '0' is on the meta device.*to_empty.*then rw\.load"):
         rw.load(meta, path)
     assert not rw.core.api.adapter_state(meta)
+
+
+@pytest.mark.parametrize("edit,where", [
+    (lambda c: c["adapters"]["default"].pop("config"), r"adapters\.default\.config should be an object"),
+    (lambda c: c["adapters"]["default"].update(modules=["0"]), r"adapters\.default\.modules should be an object"),
+    (lambda c: c["adapters"]["default"].update(method=None), r"adapters\.default\.method should be a method name"),
+    (lambda c: c["adapters"]["default"].pop("modules_to_save"), r"modules_to_save should be a list"),
+    (lambda c: c.update(weights_sha256=123), r"'weights_sha256' should be a hex string"),
+    (lambda c: c["adapters"]["default"]["modules"]["0"].update(weight_shape="5x6"),
+     r"modules\.0\.weight_shape should be a list of integers"),
+])
+def test_load_names_the_field_of_a_damaged_config(tmp_path, edit, where):
+    """Reliability case F9: hand-edited configs raised raw TypeError / KeyError / AttributeError."""
+    base, path = _saved(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    edit(cfg)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = copy.deepcopy(base)
+    with pytest.raises(rw.errors.CorruptFileError, match=where + r".*rw\.save"):
+        rw.load(model, path)
+    assert not rw.core.api.adapter_state(model)
+
+
+def test_load_of_a_config_that_is_a_list_is_named(tmp_path):
+    base, path = _saved(tmp_path)
+    (path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(rw.errors.CorruptFileError, match="the top level should be a JSON object"):
+        rw.load(copy.deepcopy(base), path)

@@ -111,6 +111,39 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
     return path
 
 
+def _check_layout(cfg, cfg_file: Path) -> None:
+    """The JSON has the types ``save`` writes; otherwise name the field (a hand-edited or foreign file)."""
+
+    def bad(where: str, want: str, got) -> CorruptFileError:
+        return CorruptFileError(f"{cfg_file}: {where} should be {want}, got {got!r}; the file was edited or is not "
+                                "a rankwise adapter config. Save the adapter again with rw.save().")
+
+    if not isinstance(cfg, dict):
+        raise bad("the top level", "a JSON object", type(cfg).__name__)
+    if "peft_type" in cfg and "adapters" not in cfg:
+        return  # a PEFT config: the format check names it
+    if not isinstance(cfg.get("weights_sha256"), (str, type(None))):
+        raise bad("'weights_sha256'", "a hex string", cfg.get("weights_sha256"))
+    adapters = cfg.get("adapters")
+    if adapters is None or adapters == {} or adapters == []:
+        return  # "holds no adapter", said by load
+    if not isinstance(adapters, dict):
+        raise bad("'adapters'", "an object of named adapters", adapters)
+    for name, info in adapters.items():
+        at = f"adapters.{name}"
+        if not isinstance(info, dict):
+            raise bad(at, "an object", info)
+        for key, typ, want in (("method", str, "a method name"), ("config", dict, "an object of options"),
+                               ("modules", dict, "an object of module entries"),
+                               ("modules_to_save", list, "a list of module names")):
+            if not isinstance(info.get(key), typ):
+                raise bad(f"{at}.{key}", want, info.get(key, "<missing>"))
+        for mname, m in info["modules"].items():
+            shape = m.get("weight_shape") if isinstance(m, dict) else None
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+                raise bad(f"{at}.modules.{mname}.weight_shape", "a list of integers", shape)
+
+
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and verify an adapter directory: (config dict, tensors). Touches no model."""
     path = Path(path)
@@ -119,6 +152,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not f.is_file():
             raise CorruptFileError(f"{f} does not exist; is '{path}' a directory written by rw.save()?")
     cfg = read_json(cfg_file, "the file is damaged. Save the adapter again.")
+    _check_layout(cfg, cfg_file)
     if cfg.get("format") != FORMAT:
         hint = " It looks like a PEFT adapter: use rw.import_peft()." if "peft_type" in cfg else ""
         raise CorruptFileError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}.{hint}")
