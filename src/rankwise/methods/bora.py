@@ -43,9 +43,8 @@ from torch import nn
 
 from ..core.layers import LayerView
 from ..core.method import Method
-from ..core.ops import kaiming_bound, normal_, uniform_
 from ..core.registry import register
-from .lora import LoraConfig
+from .lora import LoraConfig, lora_factors
 
 
 @dataclass
@@ -76,16 +75,7 @@ class Bora(Method):
         super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         self.rank, self.scale = config.rank, config.scale
-        r, n_in, kw = config.rank, view.in_features, view.factory_kwargs
-        self.lora_A = nn.Parameter(torch.empty(r, n_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(view.out_features, r, **kw))
-        if view.kind == "embedding":  # as LoRA: the lookup side starts at zero, B random
-            self.lora_A.data.zero_()
-            normal_(self.lora_B, 1.0, generator)
-        elif config.init == "gaussian":
-            normal_(self.lora_A, 1.0 / r, generator)
-        else:
-            uniform_(self.lora_A, kaiming_bound(n_in), generator)
+        self.lora_A, self.lora_B = lora_factors(view, config, generator)  # LoRA's init
         with torch.no_grad():
             v = self._direction()
             m_row = _row_norm(v)

@@ -47,6 +47,22 @@ class LoraConfig(RankAlphaConfig):
         self._check(self.init in ("kaiming", "gaussian"), "init", "use 'kaiming' or 'gaussian'.")
 
 
+def lora_factors(view: LayerView, config: LoraConfig, generator=None) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's ``(A, B)`` on the weight's device and dtype: ``A`` by ``config.init``, ``B = 0``; for an
+    embedding the roles swap (``A = 0``, ``B ~ N(0, 1)``), as in PEFT."""
+    r, n_in = config.rank, view.in_features
+    a = nn.Parameter(torch.empty(r, n_in, **view.factory_kwargs))
+    b = nn.Parameter(torch.zeros(view.out_features, r, **view.factory_kwargs))
+    if view.kind == "embedding":
+        a.data.zero_()
+        normal_(b, 1.0, generator)
+    elif config.init == "gaussian":
+        normal_(a, 1.0 / r, generator)
+    else:
+        uniform_(a, kaiming_bound(n_in), generator)
+    return a, b
+
+
 @register("lora")
 class Lora(Method):
     """Low-rank update ``s · B A`` (see module docstring)."""
@@ -59,16 +75,7 @@ class Lora(Method):
         super().__init__(view, config)
         view.check_rank(config.rank, self.name)
         self.rank, self.scale = config.rank, config.scale
-        r, n_in, n_out = config.rank, view.in_features, view.out_features
-        self.lora_A = nn.Parameter(torch.empty(r, n_in, **view.factory_kwargs))
-        self.lora_B = nn.Parameter(torch.zeros(n_out, r, **view.factory_kwargs))
-        if view.kind == "embedding":
-            self.lora_A.data.zero_()
-            normal_(self.lora_B, 1.0, generator)
-        elif config.init == "gaussian":
-            normal_(self.lora_A, 1.0 / r, generator)
-        else:
-            uniform_(self.lora_A, kaiming_bound(n_in), generator)
+        self.lora_A, self.lora_B = lora_factors(view, config, generator)
 
     @classmethod
     def num_params(cls, view: LayerView, config: LoraConfig) -> int:
