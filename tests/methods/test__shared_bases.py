@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from dora_family_peft import adapter, logits, net, randomize
+from _dora_helpers import adapter, logits, net, randomize
 from safetensors.torch import load_file
 from torch import nn
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dora_family_peft import adapter, net, randomize
+from _dora_helpers import adapter, net, randomize
 from torch import nn
 
 import rankwise as rw

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from structured_peft import (
+from _structured_helpers import (
     cases,
     check_clamps_round_trip_through_peft_patterns,
     check_config_round_trip,

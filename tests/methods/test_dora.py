@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from dora_family_peft import (
+from _dora_helpers import (
     ATOL,
     MODELS,
     adapter,

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from dora_family_peft import adapter, net, randomize
+from _dora_helpers import adapter, net, randomize
 from torch import nn
 
 import rankwise as rw

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from structured_peft import (
+from _structured_helpers import (
     cases,
     check_config_round_trip,
     check_gradients_equal_dense_weight_view,

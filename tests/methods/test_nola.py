@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from dora_family_peft import adapter, layers, net, randomize
+from _dora_helpers import adapter, layers, net, randomize
 from safetensors.torch import load_file
 from torch import nn
 

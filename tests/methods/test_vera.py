@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from dora_family_peft import (
+from _dora_helpers import (
     MODELS,
     check_export_then_import,
     check_import_then_export,
