@@ -53,6 +53,10 @@ class NonFiniteLossError(RankwiseError, FloatingPointError):
     """Training produced a NaN or infinite loss or gradient; nothing was stepped or saved for it."""
 
 
+class OutputPathError(ConfigError):
+    """An output path cannot be written without deleting or overwriting something rankwise did not write."""
+
+
 def close_names(name: str, candidates, n: int = 5) -> str:
     """Return ``" Did you mean: a, b?"`` for the closest candidates, or ``""``."""
     cands = sorted(set(candidates))

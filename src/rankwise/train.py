@@ -37,7 +37,7 @@ from torch import nn
 
 from .core.rank import has_rank_hooks, rank_regularization, rank_step
 from .errors import ConfigError, CorruptFileError, NonFiniteLossError, ShapeMismatchError, close_names
-from .io.atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
+from .io.atomic import atomic_dir, check_output_dir, read_dir, read_json, read_tensors, recover, save_tensors, write_json
 
 __all__ = [
     "TrainConfig",
@@ -222,7 +222,7 @@ def train(
         torch.manual_seed(config.seed)
         step, losses, lrs, evals, skipped = 0, [], [], [], []
         digest = _fingerprint(train_data) if checkpoint_dir is not None else None
-        if resume and (Path(checkpoint_dir) / "trainer_state.json").exists():
+        if resume and has_checkpoint(checkpoint_dir):
             done = int(_read_state(Path(checkpoint_dir)).get("step", 0))
             if done > config.steps:  # checked before anything is loaded: the model stays as it was
                 raise ConfigError(f"train: the checkpoint in {checkpoint_dir} is at step {done}, past steps="
@@ -400,7 +400,7 @@ def save_checkpoint(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i in range(torch.cuda.device_count()):
             tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, CHECKPOINT_NAMES, "checkpoint_dir", _is_checkpoint) as tmp:
         save_tensors(tmp / "model.safetensors", params)
         save_tensors(tmp / "optimizer.safetensors", tensors)
         write_json(tmp / "trainer_state.json", state)
@@ -416,10 +416,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     restores the torch RNG state saved with the checkpoint.
     """
     directory = Path(directory)
-    state = _read_state(directory)
     fix = "load_checkpoint: the checkpoint is incomplete or damaged, write a new one."
-    saved = read_tensors(directory / "model.safetensors", fix)
-    extra = read_tensors(directory / "optimizer.safetensors", fix)
+    state, saved, extra = read_dir(directory, lambda d: (_read_state(d), read_tensors(d / "model.safetensors", fix),
+                                                         read_tensors(d / "optimizer.safetensors", fix)))
     params = _trainable(model)
     _check_params(directory, saved, params)
     opt_state = None
@@ -447,13 +446,22 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     return int(state["step"])
 
 
-def _check_replaceable(directory: Path) -> None:
-    """Refuse to replace a non-empty directory that is not a checkpoint (it would be deleted)."""
-    if directory.exists() and (not directory.is_dir() or (
-            any(directory.iterdir()) and not (directory / "trainer_state.json").is_file())):
-        raise ConfigError(f"checkpoint_dir {directory} exists and is not a rankwise checkpoint; writing a "
-                          "checkpoint replaces the whole directory, so pass a new or dedicated directory "
-                          "(e.g. out/checkpoint).")
+#: What a checkpoint folder holds; replacing it never deletes anything else.
+CHECKPOINT_NAMES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    return (directory / "trainer_state.json").is_file()
+
+
+def _check_replaceable(directory: Path) -> Path:
+    """Refuse to replace a path that is not a checkpoint folder (its files would be deleted)."""
+    return check_output_dir(directory, CHECKPOINT_NAMES, "checkpoint_dir", _is_checkpoint)
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a checkpoint (after repairing a swap a crash interrupted)."""
+    return _is_checkpoint(recover(directory))
 
 
 def _read_state(directory: Path) -> dict:
@@ -503,6 +511,13 @@ def _encode(obj, path: str, tensors: dict[str, torch.Tensor]):
     """A JSON-able copy of ``obj``; each tensor goes to ``tensors[path]`` and is left as a marker."""
     if isinstance(obj, torch.Tensor):
         key = path.rstrip(".")
+        # safetensors stores tensors contiguous; a transposed view (a projector's basis, column-major
+        # from LAPACK) is stored as its contiguous permutation and restored as the same view, so the
+        # resumed matmuls read memory in the same order and the run stays bitwise identical
+        dims = sorted(range(obj.ndim), key=lambda d: -obj.stride(d))
+        if obj.ndim > 1 and not obj.is_contiguous() and obj.permute(dims).is_contiguous():
+            tensors[key] = obj.permute(dims)
+            return {"__tensor__": key, "__dims__": dims}
         tensors[key] = obj
         return {"__tensor__": key}
     if isinstance(obj, dict):
@@ -522,12 +537,13 @@ def _encode(obj, path: str, tensors: dict[str, torch.Tensor]):
 
 def _decode(obj, tensors: dict[str, torch.Tensor]):
     if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
+        if set(obj) in ({"__tensor__"}, {"__tensor__", "__dims__"}):
             key = obj["__tensor__"]
             if key not in tensors:
                 raise CorruptFileError(f"load_checkpoint: tensor {key!r} is missing from optimizer.safetensors; "
                                        "the checkpoint is damaged.")
-            return tensors[key]
+            dims = obj.get("__dims__")
+            return tensors[key] if dims is None else tensors[key].permute(sorted(range(len(dims)), key=dims.__getitem__))
         if set(obj) == {"__int_keys__"}:
             return {int(k): _decode(v, tensors) for k, v in obj["__int_keys__"].items()}
         if set(obj) == {"__tuple__"}:

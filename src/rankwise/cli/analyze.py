@@ -185,10 +185,9 @@ def run_analyze(args) -> dict:
     check_model_path(args.base, "--base")
     for folder in args.finetuned or []:
         check_model_path(folder, "--finetuned")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():  # checked before the analysis, which can take minutes
-        raise ConfigError(f"rankwise analyze: --out {out} is an existing file, not a folder; pass a folder path "
-                          "for report.html and report.md.")
+    from .common import check_out
+
+    out = check_out(args.out, "analyze", ("report.md", "report.html", "*.png"))  # before minutes of analysis
     batches, data_note = (None, "")
     if args.data is not None:
         batches, data_note = make_batches(args.base, args.data, args.text_col, args.label_col, args.max_examples,

@@ -106,6 +106,32 @@ def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, 
     return row, result, model
 
 
+def check_out(out, command: str, names: tuple[str, ...], adapters: tuple[str, ...] = ()) -> Path:
+    """Check ``--out`` before any work: a folder that is new, empty, or an earlier output of a rankwise
+    command holding only what ``command`` writes (``names``, fnmatch patterns); the adapter folders
+    ``adapters`` under it and its ``checkpoint/`` must be replaceable too. Raises
+    :class:`~rankwise.errors.OutputPathError` (nothing written) otherwise."""
+    from ..io.atomic import ADAPTER_NAMES, check_output_dir, is_adapter_dir
+    from ..train import CHECKPOINT_NAMES, has_checkpoint
+
+    def ours(folder: Path) -> bool:
+        try:
+            with open(folder / "report.md", encoding="utf-8", errors="replace") as f:
+                if f.readline().startswith("# rankwise"):
+                    return True
+        except OSError:
+            pass
+        return has_checkpoint(folder / "checkpoint") or any(is_adapter_dir(folder / a) for a in adapters)
+
+    for sub in adapters:  # the folders first: their message names the user's file
+        check_output_dir(Path(out) / sub, ADAPTER_NAMES, f"rankwise {command} --out: adapter folder", is_adapter_dir)
+    if "checkpoint" in names:
+        check_output_dir(Path(out) / "checkpoint", CHECKPOINT_NAMES, f"rankwise {command} --out: checkpoint folder",
+                         lambda d: (d / "trainer_state.json").is_file())
+    check_output_dir(out, names, f"rankwise {command} --out", ours)
+    return Path(out)
+
+
 def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list[float]], notes: str,
                  md_name: str = "report.md", png_name: str = "loss_curves.png") -> Path:
     """``md_name`` (a table, the plot, notes) + ``png_name`` (loss curves) in ``out`` (atomic writes)."""

@@ -59,10 +59,10 @@ def demo_task(model_path, per_family: int, seed: int, max_length: int):
 def run_demo(args) -> list[dict]:
     from ..integrations.hf import minilm_path
     from ..train import TrainConfig
-    from .common import FULL, default_lr, method_options, print_table, run_one, write_report
+    from .common import FULL, check_out, default_lr, method_options, print_table, run_one, write_report
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = Path(args.out)
+    out = check_out(args.out, "demo", ("report.md", "loss_curves.png", "lora_adapter", "analysis"), ("lora_adapter",))
     model_path = args.model or minilm_path()
     model_name = args.model or "all-MiniLM-L6-v2"
     names = demo_methods(args.methods)

@@ -12,11 +12,12 @@ def run_finetune(args) -> dict:
     from ..io.files import save
     from ..train import TrainConfig, train
     from . import common
-    from .common import FULL, default_lr, method_options, prepare, print_table, write_report
+    from ..train import has_checkpoint
+    from .common import FULL, check_out, default_lr, method_options, prepare, print_table, write_report
     from .main import _targets
 
-    out = Path(args.out)
-    if args.resume and not (out / "checkpoint" / "trainer_state.json").is_file():
+    out = check_out(args.out, "finetune", ("adapter", "checkpoint", "report.md", "loss_curves.png"), ("adapter",))
+    if args.resume and not has_checkpoint(out / "checkpoint"):
         raise ConfigError(f"rankwise finetune --resume: {out / 'checkpoint'} holds no checkpoint (no trainer_state.json); "
                           "check --out, or run without --resume to start from step 0.")
     data = read_table(args.data, args.text_col, args.label_col)

@@ -39,7 +39,7 @@ from ..core.api import delete as delete_adapter
 from ..core.calibrate import LOAD_STATE
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, ConfigError, CorruptFileError, ShapeMismatchError, TargetError
-from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
+from .atomic import ADAPTER_NAMES, atomic_dir, is_adapter_dir, read_dir, read_json, read_tensors, save_tensors, write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,8 +99,7 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
             "modules": mods,
             "modules_to_save": entry["modules_to_save"],
         }
-    path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, ADAPTER_NAMES, "rw.save: adapter folder", is_adapter_dir) as tmp:
         save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
         write_json(tmp / CONFIG_NAME, {
             "format": FORMAT,
@@ -108,7 +107,7 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
             "adapters": meta,
             "weights_sha256": sha256(tmp / WEIGHTS_NAME),
         })
-    return path
+    return Path(path)
 
 
 def _check_layout(cfg, cfg_file: Path) -> None:
@@ -145,8 +144,12 @@ def _check_layout(cfg, cfg_file: Path) -> None:
 
 
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify an adapter directory: (config dict, tensors). Touches no model."""
-    path = Path(path)
+    """Read and verify an adapter directory: (config dict, tensors). Touches no model. Safe while
+    another process replaces the folder (it reads the old or the new adapter)."""
+    return read_dir(path, _read)
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (cfg_file, w_file):
         if not f.is_file():

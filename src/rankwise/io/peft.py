@@ -23,7 +23,7 @@ from ..core.api import delete as delete_adapter
 from ..core.calibrate import LOAD_STATE
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, CorruptFileError, RankwiseError, ShapeMismatchError, TargetError
-from .atomic import atomic_dir, read_json, read_tensors, save_tensors, write_json
+from .atomic import ADAPTER_NAMES, atomic_dir, is_adapter_dir, read_dir, read_json, read_tensors, save_tensors, write_json
 
 PREFIX = "base_model.model."
 
@@ -69,22 +69,27 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None, bas
         "task_type": None,
         "inference_mode": True,
     })
-    path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, ADAPTER_NAMES, "rw.export_peft: adapter folder", is_adapter_dir) as tmp:
         save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", pcfg)
-    return path
+    return Path(path)
+
+
+def _read_peft(path: Path) -> tuple[dict, dict]:
+    pcfg = read_json(path / "adapter_config.json", "is this a PEFT adapter directory?")
+    if isinstance(pcfg, dict) and "adapters" in pcfg and "peft_type" not in pcfg:
+        raise ConfigError(f"{path} is a rankwise adapter (written by rw.save), not a PEFT one; load it with "
+                          f"rw.load(model, '{path}').")
+    tensors = read_tensors(path / "adapter_model.safetensors",
+                           "rankwise reads safetensors only, never pickled .bin files.")
+    return pcfg, tensors
 
 
 def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> nn.Module:
     """Load a PEFT adapter directory onto ``model`` (the plain base model) as adapter ``name``."""
     path = Path(path)
-    pcfg = read_json(path / "adapter_config.json", "is this a PEFT adapter directory?")
-    if isinstance(pcfg, dict) and "adapters" in pcfg and "peft_type" not in pcfg:
-        raise ConfigError(f"{path} is a rankwise adapter (written by rw.save), not a PEFT one; load it with "
-                          f"rw.load(model, '{path}').")
+    pcfg, tensors = read_dir(path, _read_peft)
     wfile = path / "adapter_model.safetensors"
-    tensors = read_tensors(wfile, "rankwise reads safetensors only, never pickled .bin files.")
 
     matches = [m for m in methods() if callable(getattr(get_method(m), "peft_accepts", None)) and get_method(m).peft_accepts(pcfg)]
     if not matches:
