@@ -231,9 +231,12 @@ def run_pretrain(args) -> dict:
     from ..utils.memory import PeakRSS, release_free_memory
     from ..utils.table import format_table
 
+    from .common import check_out
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = check_out(args.out, "pretrain", ("model.safetensors", "config.json", "loss_curve.png", "report.md",
+                                           "checkpoint"))
     model = build_model(args.model_config, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     train_tokens = args.steps * args.batch_size * args.seq_len
