@@ -174,3 +174,19 @@ def test_integer_labels_with_gaps_below_the_limit_are_kept(tmp_path):
     p.write_text("text,label\na,0\nb,5\nc,2\n")
     ds = read_table(p)
     assert ds.labels == [0, 5, 2] and len(ds.label_names) == 6
+
+
+@pytest.mark.parametrize("tail, where", [("", "the end of the file"), ('more" text,\nlast,b\n', "line 5")])
+def test_csv_unclosed_quote_points_at_it(tmp_path, tail, where):
+    """Reliability case D4: the quote swallowed the rest of the file and the message said row 2 had no label."""
+    p = tmp_path / "q.csv"
+    p.write_text('text,label\nfine,a\n"opens here,b\nthird,a\n' + tail)
+    with pytest.raises(ConfigError, match=rf'q\.csv line 3 \(row 3\) opens a quote .* not closed before {where}.*""'):
+        read_table(p)
+
+
+def test_csv_quoted_field_over_lines_is_kept(tmp_path):
+    p = tmp_path / "ok.csv"
+    p.write_text('text,label\n"two\nlines, and ""quotes""",a\nplain,b\n')
+    ds = read_table(p)
+    assert ds.texts == ['two\nlines, and "quotes"', "plain"] and ds.label_names == ["a", "b"]

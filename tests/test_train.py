@@ -380,3 +380,14 @@ def test_resume_on_other_data_warns(tmp_path):
         _w.simplefilter("error")  # the same data resumes silently
         train(make_mlp(), data, collate, ce_loss, TrainConfig(steps=2, batch_size=8), checkpoint_dir=tmp_path / "d",
               resume=True, progress=False)
+
+
+def test_lr_lambda_replaces_the_schedule():
+    """train(lr_lambda=f): step s + 1 runs at lr · f(s) (ReLoRA's jagged cosine through the same loop)."""
+    from rankwise.pretrain.relora import jagged_cosine
+
+    f = jagged_cosine(total_steps=12, warmup=2, reset_every=4, restart_warmup=1, min_ratio=0.1)
+    res = train(make_mlp(), make_data(), collate, ce_loss, TrainConfig(steps=12, batch_size=8, lr=0.5),
+                progress=False, lr_lambda=f)
+    assert res.lrs == [0.5 * f(s) for s in range(12)]
+    assert res.lrs[4] < res.lrs[3] and res.lrs[8] < res.lrs[7]  # a re-warmup right after each reset

@@ -309,8 +309,16 @@ def _read_csv(path: Path, text_col: str, label_col: str) -> list[tuple[str, str]
         _check_columns(path, columns, text_col, label_col)
         rows = []
         try:
+            start = reader.line_num + 1  # the physical line a row starts on (a quoted field may span lines)
             for line, row in enumerate(reader, start=2):
+                if reader.line_num > start and _bad_row(row, text_col, label_col):
+                    end = "the end of the file" if f.read(1) == "" else f"line {reader.line_num}"
+                    raise ConfigError(
+                        f"read_table: {path} line {start} (row {line}) opens a quote (\") that is not closed before "
+                        f"{end}, so the lines after it were read as one field. Close the quote, or write a quote "
+                        'inside a quoted field as two ("").')
                 rows.append(_csv_row(path, line, row, text_col, label_col))
+                start = reader.line_num + 1
         except csv.Error as e:
             limit = csv.field_size_limit()
             hint = (f"a field is longer than Python's csv limit of {limit} characters; split long texts or use a "
@@ -318,6 +326,11 @@ def _read_csv(path: Path, text_col: str, label_col: str) -> list[tuple[str, str]
                     "to the end of the file)")
             raise ConfigError(f"read_table: {path} cannot be parsed after line {reader.line_num} ({e}); {hint}.") from None
     return rows
+
+
+def _bad_row(row: dict, text_col: str, label_col: str) -> bool:
+    label = row.get(label_col)
+    return row.get(text_col) is None or label is None or label.strip() == "" or "\n" in label
 
 
 def _csv_row(path: Path, line: int, row: dict, text_col: str, label_col: str) -> tuple[str, str]:

@@ -37,7 +37,16 @@ from torch import nn
 
 from .core.rank import has_rank_hooks, rank_regularization, rank_step
 from .errors import ConfigError, CorruptFileError, NonFiniteLossError, ShapeMismatchError, close_names
-from .io.atomic import atomic_dir, check_output_dir, read_dir, read_json, read_tensors, recover, save_tensors, write_json
+from .io.atomic import (
+    atomic_dir,
+    check_output_dir,
+    read_dir,
+    read_json,
+    read_tensors,
+    recover,
+    save_tensors,
+    write_json,
+)
 
 __all__ = [
     "TrainConfig",
@@ -166,6 +175,19 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def _checkpointed(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: the trainable parameters, and every tensor (frozen parameters,
+    persistent buffers) of a module with ``checkpoint_frozen = True`` — a module whose frozen state
+    changes while training (ReLoRA merges into its frozen ``W``; LoQT re-quantizes its base; SST
+    swaps its sampled vectors), so a resume restores it too."""
+    out = dict(_trainable(model))
+    for prefix, module in model.named_modules():
+        if getattr(module, "checkpoint_frozen", False) is True:
+            for k, t in module.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=True).items():
+                out.setdefault(k, t)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -183,6 +205,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     optimizer: torch.optim.Optimizer | None = None,
+    lr_lambda: Callable[[int], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` optimizer steps; return losses, evals and wall time.
 
@@ -191,7 +214,8 @@ def train(
     scaled by ``1 / grad_accum``, so accumulation matches one big batch); ``eval_fn(model) ->
     {metric: float}`` runs in eval mode under ``no_grad`` every ``eval_every`` steps and at the
     end. ``optimizer`` replaces the default AdamW (``config.lr``/``weight_decay`` then do not
-    apply; the warmup-cosine schedule scales its learning rates). ``checkpoint_dir``: write a
+    apply; the warmup-cosine schedule scales its learning rates). ``lr_lambda(step) -> factor``
+    replaces that schedule (e.g. ReLoRA's jagged cosine, ``rankwise.pretrain.relora.jagged_cosine``). ``checkpoint_dir``: write a
     checkpoint there every ``checkpoint_every`` steps and at the end; with ``resume=True`` an
     existing checkpoint there is loaded and training continues from its step (the result then
     holds the whole history). The model must be built the same way as for the first run: only
@@ -210,7 +234,8 @@ def train(
         _check_replaceable(Path(checkpoint_dir))
     if optimizer is None:
         optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config)
+    scheduler = (make_scheduler(optimizer, config) if lr_lambda is None
+                 else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     batches = _BatchOrder(n, config.batch_size, config.seed)
     ranked = has_rank_hooks(model)
@@ -380,12 +405,13 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically (an existing one is replaced only once complete).
 
-    Saves the trainable parameters of ``model``, the optimizer and scheduler state (either may be
+    Saves the trainable parameters of ``model`` (and the whole state of its modules marked
+    ``checkpoint_frozen = True``, see :func:`_checkpointed`), the optimizer and scheduler state (either may be
     ``None``), the torch RNG state, ``step``, and optionally the config and a JSON-able history.
     """
     directory = Path(directory)
     _check_replaceable(directory)
-    params = _trainable(model)
+    params = _checkpointed(model)
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -419,7 +445,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     fix = "load_checkpoint: the checkpoint is incomplete or damaged, write a new one."
     state, saved, extra = read_dir(directory, lambda d: (_read_state(d), read_tensors(d / "model.safetensors", fix),
                                                          read_tensors(d / "optimizer.safetensors", fix)))
-    params = _trainable(model)
+    params = _checkpointed(model)
     _check_params(directory, saved, params)
     opt_state = None
     if optimizer is not None:

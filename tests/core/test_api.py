@@ -568,8 +568,7 @@ def test_save_over_existing_dir_replaces_it(bert, tmp_path, token_batch, perturb
     perturb(adapter_params_of(m2), seed=3)
     out = tmp_path / "ad"
     rw.save(m1, out)
-    (out / "stale.txt").write_text("from an older save")
-    rw.save(m2, out)
+    rw.save(m2, out)  # a folder holding the user's own files is refused instead: tests/io/test_atomic.py
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     fresh = rw.load(copy.deepcopy(base), out)
     assert list(adapter_state(fresh)) == ["second"]
@@ -700,3 +699,43 @@ def test_training_through_a_merged_adapter_is_refused():
     rw.unmerge(model)
     model(x).sum().backward()
     assert model[0].adapters["default"].lora_B.grad is not None
+
+
+def _two(method="lora"):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    a = rw.adapt(copy.deepcopy(base), method, rank=2, targets=["0"], seed=0)
+    b = rw.adapt(copy.deepcopy(base), method, rank=2, targets=["0"], seed=1)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(0.3)  # a non-zero ΔW
+    return a, b
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_state_dict_records_the_merge_state(method):
+    """Reliability case A18: a merged model's state_dict loaded into an unmerged one applied ΔW twice."""
+    x = torch.randn(5, 8)
+    a, b = _two(method)
+    a.eval(), b.eval()
+    want = a(x)
+    assert not any("rankwise_merged" in k for k in a.state_dict())  # nothing new for unmerged models
+    rw.merge(a)
+    merged_state = a.state_dict()
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(rw.errors.ConfigError, match=r"module '0'.*\['default'\] merged.*has none merged.*twice.*rw.merge"):
+        b.load_state_dict(merged_state)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in before.items())  # unchanged
+
+    rw.merge(b)  # the same merge state: loads, and unmerging gives a's adapted model back
+    b.load_state_dict(merged_state)
+    torch.testing.assert_close(b(x), want, rtol=1e-5, atol=1e-6)
+    rw.unmerge(b)
+    rw.unmerge(a)
+    torch.testing.assert_close(b[0].base.weight, a[0].base.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b(x), want, rtol=1e-5, atol=1e-6)
+
+    rw.merge(b)
+    with pytest.raises(rw.errors.ConfigError, match=r"taken with adapter\(s\) none merged.*not at all"):
+        b.load_state_dict(a.state_dict())  # an unmerged state into a merged model

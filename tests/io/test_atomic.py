@@ -6,7 +6,6 @@ checkpoint is written). Every refusal must name the path and the fix, and leave 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -152,6 +151,40 @@ def test_finetune_out_with_the_users_files_is_refused_before_any_work(tmp_path):
     with pytest.raises(OutputPathError, match=r"--out .*run is not a rankwise finetune --out rankwise wrote"):
         main(args)
     assert (out / "report.md").read_text() == "# my own report\n"
+
+
+def test_replacing_a_read_only_adapter_leaves_no_old_copy(tmp_path, monkeypatch):
+    """W3: as a normal user, replacing a ``chmod 555`` adapter folder left ``.ad.old.<pid>`` behind
+    (its removal failed silently). The tests may run as root, which ignores modes, so the kernel's
+    rule for other users is applied here: no entry leaves a folder without write permission."""
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+
+    def writable(path, dir_fd):
+        mode = os.fstat(dir_fd).st_mode if dir_fd is not None else os.stat(os.path.dirname(os.path.abspath(path))).st_mode
+        if not mode & 0o200:
+            raise PermissionError(13, "Permission denied", path)
+
+    def unlink(path, *, dir_fd=None):
+        writable(path, dir_fd)
+        return real_unlink(path, dir_fd=dir_fd)
+
+    def rmdir(path, *, dir_fd=None):
+        writable(path, dir_fd)
+        return real_rmdir(path, dir_fd=dir_fd)
+
+    d = tmp_path / "ad"
+    rw.save(_model(seed=0), d)
+    os.chmod(d, 0o555)  # the user protects the adapter; the parent stays writable
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")  # "could not remove" would fail the test
+        rw.save(_model(seed=1), d)
+    assert os.listdir(tmp_path) == ["ad"]
+    _, tensors = rw.io.files.read(d)
+    assert torch.equal(tensors["default/0/lora_A"], _model(seed=1)[0].adapters["default"].lora_A)
 
 
 # --------------------------------------------------------------------------------- concurrency (C1–C4)

@@ -14,14 +14,25 @@ The recipe (also used by ``benchmarks/optimizers.py``):
   attention and MLP blocks (embeddings, norms and the output layer take their AdamW fallback);
   ``--rank``, ``--update-gap``, ``--scale``, ``--projector`` set their group. Training uses
   :func:`rankwise.train.train` (linear warmup then cosine decay, gradient clipping at 1.0).
+* **Parametrization** — ``--parametrization`` (:data:`PARAMETRIZATIONS`): ``full`` trains the dense
+  weights; the others replace the attention and MLP projections by a :mod:`rankwise.pretrain`
+  parametrization *before* the optimizer is built (ReLoRA, PeriodicLoRA, SLTrain, CoLA, SST, LoQT),
+  so the optimizer trains its factors (projected optimizers project the factor matrices) and
+  ``rank_step`` inside ``train`` runs its merges and restarts. ``--param-rank`` (default
+  hidden_size / 4), ``--density``, ``--reset-every``, ``--refactorize-every`` set its options.
+  ReLoRA runs its jagged cosine schedule (a re-warmup after each merge); the others train's
+  warmup-cosine.
 
-Output folder: ``report.md`` (summary table: losses, validation perplexity, optimizer-state bytes,
-peak RSS, time per step), ``loss_curve.png``, ``model.safetensors`` (final weights, written
-atomically) and ``config.json`` (the model config).
+Output folder: ``report.md`` (summary table: losses, validation perplexity, stored and trainable
+parameters, optimizer-state bytes, peak RSS, time per step, tokens/s), ``loss_curve.png``,
+``model.safetensors`` (final weights, written atomically: a plain LLaMA state dict — a
+parametrized model is turned dense first — except CoLA, saved in its factorized form) and
+``config.json`` (the model config).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -187,6 +198,57 @@ def evaluator(windows: Windows, batch_size: int = 16):
     return evaluate
 
 
+# ---------------------------------------------------------------------------------------------- parametrization
+#: ``--parametrization`` choices: ``full`` (dense weights) or a :mod:`rankwise.pretrain` name.
+PARAMETRIZATIONS = ("full", "relora", "periodic_lora", "sltrain", "cola", "sst", "loqt")
+_PARAM_FLAGS = {"rank": "--param-rank", "density": "--density", "reset_every": "--reset-every",
+                "refactorize_every": "--refactorize-every"}
+
+
+def parametrize_model(model, name: str, *, rank: int | None = None, density: float | None = None,
+                      reset_every: int | None = None, refactorize_every: int | None = None, seed: int = 0):
+    """Apply ``--parametrization name`` to ``model`` (in place; ``full`` leaves it as it is). Options
+    go to the parametrization's ``Config`` fields of the same name; one it has no field for is an
+    error, and ``rank`` defaults to ``hidden_size // 4`` (the papers' ratio: rank 128 at width 512)."""
+    values = {"rank": rank, "density": density, "reset_every": reset_every, "refactorize_every": refactorize_every}
+    given = [_PARAM_FLAGS[k] for k, v in values.items() if v is not None]
+    if name not in PARAMETRIZATIONS:
+        from ..errors import close_names
+
+        raise ConfigError(f"pretrain: unknown parametrization {name!r}; choose one of {', '.join(PARAMETRIZATIONS)}."
+                          + close_names(name, PARAMETRIZATIONS))
+    if name == "full":
+        if given:
+            raise ConfigError(f"pretrain: {given[0]} sets an option of a low-rank parametrization, but "
+                              "--parametrization is full; pass --parametrization relora / sltrain / ... or drop it.")
+        return model
+    from .. import pretrain as rp
+
+    if name not in rp.PARAMETRIZATIONS:
+        raise ConfigError(f"pretrain: --parametrization {name} is not available in this install (rankwise.pretrain "
+                          f"has {', '.join(sorted(rp.PARAMETRIZATIONS))}); choose one of those.")
+    fields = {f.name for f in dataclasses.fields(rp.PARAMETRIZATIONS[name].Config)}
+    for key, value in values.items():
+        if value is not None and key not in fields:
+            raise ConfigError(f"pretrain: {_PARAM_FLAGS[key]} does not apply to --parametrization {name} (its options: "
+                              f"{', '.join(sorted(fields))}).")
+    options = {k: v for k, v in values.items() if v is not None}
+    if "rank" in fields and rank is None:
+        options["rank"] = max(1, model.config.hidden_size // 4)
+    return rp.parametrize(model, name, targets=TARGETS, seed=seed, **options)
+
+
+def _factor_groups(model, **low):
+    """Param groups for a projected optimizer over a parametrized model: the 2-D trainable factors of
+    the parametrized layers are projected, everything else trainable takes the AdamW fallback."""
+    from ..pretrain import wrapped_layers
+
+    mats = [p for _, m in wrapped_layers(model) for p in m.parameters() if p.requires_grad and p.ndim == 2]
+    ids = {id(p) for p in mats}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return ([{"params": rest}] if rest else []) + [{"params": mats, "proj_type": "std", **low}]
+
+
 # ---------------------------------------------------------------------------------------------- optimizers
 def make_optimizer(name: str, model, *, lr: float | None = None, rank: int | float = 128, update_gap: int = 200,
                    scale: float | None = None, projector: str | None = None, weight_decay: float = 0.0,
@@ -200,8 +262,8 @@ def make_optimizer(name: str, model, *, lr: float | None = None, rank: int | flo
         raise ConfigError(f"pretrain: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}."
                           + close_names(name, OPTIMIZERS))
     lr = OPTIMIZERS[name][0] if lr is None else lr
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "adamw":  # (frozen parameters, e.g. ReLoRA's W, are left out)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
         return ro.Adafactor(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "smmf":
@@ -212,8 +274,12 @@ def make_optimizer(name: str, model, *, lr: float | None = None, rank: int | flo
     scale = _DEFAULT_SCALE.get(name, 1.0) if scale is None else scale
     extra = {} if projector is None else {"projector": projector}
     group_rank = 1 if name == "apollo-mini" else rank
-    groups = ro.param_groups(model, rank=group_rank, targets=targets, update_proj_gap=update_gap,
-                             scale=1.0 if name == "frugal" else scale, **extra)
+    if getattr(model, "_rankwise_pretrain", None) is not None:  # project the factor matrices
+        groups = _factor_groups(model, rank=group_rank, update_proj_gap=update_gap,
+                                scale=1.0 if name == "frugal" else scale, **extra)
+    else:
+        groups = ro.param_groups(model, rank=group_rank, targets=targets, update_proj_gap=update_gap,
+                                 scale=1.0 if name == "frugal" else scale, **extra)
     cls = {"galore": "GaLoreAdamW", "galore8bit": "GaLoreAdamW8bit", "qgalore": "QGaLoreAdamW", "fira": "Fira",
            "apollo": "APOLLO", "apollo-mini": "APOLLOMini", "frugal": "FRUGAL",
            "gradnorm-lorp": "GradNormLoRP"}[name]
@@ -224,13 +290,25 @@ def make_optimizer(name: str, model, *, lr: float | None = None, rank: int | flo
 
 
 # ---------------------------------------------------------------------------------------------- command
+def _schedule(model, kind: str, cfg):
+    """ReLoRA's jagged cosine (a short re-warmup after each merge, 2 % of a cycle as the paper's
+    100 of 5,000 steps, min ratio 0.1) for ``relora``; ``None`` (train's warmup-cosine) otherwise."""
+    if kind != "relora":
+        return None
+    from ..pretrain.relora import jagged_cosine
+
+    config = model._rankwise_pretrain[1]
+    warmup = min(cfg.warmup_steps, config.reset_every)
+    return jagged_cosine(cfg.steps, warmup, config.reset_every, restart_warmup=min(max(1, config.reset_every // 50),
+                         config.reset_every - 1), min_ratio=0.1, warm_start=config.warm_start_steps)
+
+
 def run_pretrain(args) -> dict:
     from ..io.atomic import save_tensors, write_json, write_text
     from ..optim import state_bytes
     from ..train import TrainConfig, train
     from ..utils.memory import PeakRSS, release_free_memory
     from ..utils.table import format_table
-
     from .common import check_out
 
     if args.threads:
@@ -239,6 +317,14 @@ def run_pretrain(args) -> dict:
                                            "checkpoint"))
     model = build_model(args.model_config, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
+    kind = getattr(args, "parametrization", "full")
+    parametrize_model(model, kind, rank=getattr(args, "param_rank", None), density=getattr(args, "density", None),
+                      reset_every=getattr(args, "reset_every", None),
+                      refactorize_every=getattr(args, "refactorize_every", None), seed=args.seed)
+    from ..pretrain import stored_parameters, trainable_parameters_count
+
+    stored, trainable = stored_parameters(model), trainable_parameters_count(model)
+    title = args.optimizer if kind == "full" else f"{kind} + {args.optimizer}"
     train_tokens = args.steps * args.batch_size * args.seq_len
     train_stream, valid_stream = stdlib_bytes(train_tokens, args.valid_tokens)
     train_data, valid_data = Windows(train_stream, args.seq_len), Windows(valid_stream, args.seq_len)
@@ -252,13 +338,16 @@ def run_pretrain(args) -> dict:
     release_free_memory()
     with PeakRSS() as peak:
         result = train(model, train_data, collate, lm_loss, cfg, eval_fn=evaluate, optimizer=opt,
-                       progress=not args.no_progress, desc=args.optimizer)
+                       progress=not args.no_progress, desc=title, lr_lambda=_schedule(model, kind, cfg))
     final = result.evals[-1][1]
     state = state_bytes(opt, model)["total"]
     row = {
         "optimizer": args.optimizer,
+        "parametrization": kind,
         "model": args.model_config,
         "params": n_params,
+        "stored params": stored,
+        "trainable params": trainable,
         "rank": args.rank if args.optimizer not in ("adamw", "adafactor", "smmf") else "-",
         "steps": args.steps,
         "tokens": train_tokens,
@@ -267,17 +356,24 @@ def run_pretrain(args) -> dict:
         "valid loss": round(final["loss"], 4),
         "valid ppl": round(final["perplexity"], 3),
         "opt state MB": round(state / 2**20, 3),
+        "opt state bytes": state,
         "peak RSS +MB": round(peak.peak_bytes / 2**20, 1),
         "s/step": round(result.wall_time / args.steps, 3),
+        "tokens/s": round(train_tokens / max(result.wall_time, 1e-9), 1),
     }
+    note = _param_note(kind, model)
+    if kind not in ("full", "cola"):  # a plain LLaMA state dict (CoLA has no dense weight: kept factorized)
+        from ..pretrain import to_dense
+
+        to_dense(model)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "model.safetensors", {k: v for k, v in model.state_dict().items()})
     write_json(out / "config.json", model.config.to_dict())
-    _plot(out / "loss_curve.png", result.losses, result.evals, f"{args.optimizer} on {args.model_config}")
+    _plot(out / "loss_curve.png", result.losses, result.evals, f"{title} on {args.model_config}")
     headers = list(row)
     table = format_table([[row[h] for h in headers]], headers, markdown=True)
     evals = "\n".join(f"| {s} | {m['loss']:.4f} | {m['perplexity']:.3f} |" for s, m in result.evals)
-    md = (f"# rankwise pretrain: {args.optimizer} on {args.model_config}\n\n{table}\n\n"
+    md = (f"# rankwise pretrain: {title} on {args.model_config}\n\n{table}\n\n"
           f"![loss curve](loss_curve.png)\n\n"
           f"Byte-level LM on the Python standard library's source ({len(train_data)} train windows of "
           f"{args.seq_len} tokens, {len(valid_data)} validation windows); batch {args.batch_size}; "
@@ -285,13 +381,24 @@ def run_pretrain(args) -> dict:
           f"{before['loss']:.4f} (uniform over bytes: {math.log(VOCAB):.4f}).\n\n"
           f"| step | valid loss | valid ppl |\n|---:|---:|---:|\n{evals}\n\n"
           f"Optimizer: {OPTIMIZERS[args.optimizer][1]}. Optimizer state counted by "
-          f"`rankwise.optim.state_bytes` ({state:,} bytes).\n")
+          f"`rankwise.optim.state_bytes` ({state:,} bytes).\n" + note)
     write_text(out / "report.md", md)
     from .common import print_table
 
     print_table([row])
     print(f"saved to {out}")
     return row
+
+
+def _param_note(kind: str, model) -> str:
+    if kind == "full":
+        return ""
+    config = getattr(model, "_rankwise_pretrain", (None, None))[1]
+    saved = ("model.safetensors holds the factorized CoLA layers (no dense weight exists); rebuild with "
+             "rankwise.pretrain.parametrize before loading." if kind == "cola"
+             else "model.safetensors holds the dense weights (rankwise.pretrain.to_dense).")
+    return (f"\nParametrization: {kind} ({config if config is not None else 'see rankwise.pretrain'}) on the "
+            f"attention and MLP projections; {saved}\n")
 
 
 def _plot(path: Path, losses: list[float], evals, title: str) -> None:
@@ -336,6 +443,16 @@ def add_parser(sub) -> None:
     p.add_argument("--scale", type=float, default=None, help="projection scale α (default per optimizer)")
     p.add_argument("--projector", default=None, help="projector kind for GaLore-style optimizers (svd, "
                                                      "randomized_svd, random, dct, hadamard, online_pca)")
+    p.add_argument("--parametrization", default="full",
+                   help=f"one of {', '.join(PARAMETRIZATIONS)} (default full: dense weights); applied to the "
+                        "attention and MLP projections before the optimizer is built")
+    p.add_argument("--param-rank", type=positive_int, default=None,
+                   help="rank of the parametrization's factors (default hidden_size / 4)")
+    p.add_argument("--density", type=float, default=None, help="sltrain: share of entries in the sparse part")
+    p.add_argument("--reset-every", type=positive_int, default=None,
+                   help="relora / periodic_lora: merge-and-restart every N steps")
+    p.add_argument("--refactorize-every", type=positive_int, default=None,
+                   help="sltrain (and cola with identity): SVD refactorization + momentum reset every N steps")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per optimizer)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--steps", type=positive_int, default=200)

@@ -34,6 +34,33 @@ from torch import nn
 from ..errors import AdapterNotFoundError, ConfigError
 from .layers import LayerView
 
+MERGED_KEY = "rankwise_merged."  # state_dict key prefix of an adapter merged into base.weight
+
+
+def _save_merged(module: AdaptedLayer, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A merged adapter's ΔW is inside ``base.weight``: say so in the state dict (the ΔW kept for
+    unmerging where the method reads W0, else a 0-d marker), so loading it elsewhere cannot apply it twice."""
+    for n in module.merged:
+        kept = module._merged_delta.get(n)
+        state_dict[f"{prefix}{MERGED_KEY}{n}"] = kept if kept is not None else torch.ones(())
+
+
+def _load_merged(module: AdaptedLayer, state_dict: dict, prefix: str, *args) -> None:
+    saved = {k[len(prefix) + len(MERGED_KEY):]: k for k in list(state_dict)
+             if k.startswith(prefix + MERGED_KEY) and "." not in k[len(prefix) + len(MERGED_KEY):]}
+    if not any(k.startswith(prefix + "base.") for k in state_dict):
+        return  # the base weight is not being loaded: its merge state cannot change
+    if sorted(saved) != sorted(module.merged):
+        raise ConfigError(
+            f"module '{module.view.name}': the state dict was taken with adapter(s) {sorted(saved) or 'none'} merged "
+            f"into the base weight, but this model has {sorted(module.merged) or 'none'} merged; loading it would "
+            f"apply ΔW {'twice' if set(saved) - set(module.merged) else 'not at all'}. Make the merge state match first "
+            "(rw.merge(model) / rw.unmerge(model)), or move adapters with rw.save / rw.load.")
+    for n, key in saved.items():
+        value = state_dict.pop(key)
+        if n in module._merged_delta and value.shape == module._merged_delta[n].shape:
+            module._merged_delta[n] = value.detach().to(module._merged_delta[n]).clone()
+
 
 class AdaptedLayer(nn.Module):
     def __init__(self, base: nn.Module, name: str, view: LayerView | None = None):
@@ -44,6 +71,8 @@ class AdaptedLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self._merged_delta: dict[str, torch.Tensor] = {}  # only for methods with reads_base
+        self.register_state_dict_post_hook(_save_merged)
+        self.register_load_state_dict_pre_hook(_load_merged)
 
     # Code written for the bare layer often reads .weight / .bias / in_features directly.
     @property

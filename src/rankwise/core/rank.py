@@ -25,6 +25,10 @@ are ``|θ · ∇θ|``) and before a scheduler changes the learning rate (SoRA th
   with any shape change (each method documents how) and records new per-layer ranks in the
   adapter's saved overrides, so ``rw.save`` / ``rw.load`` rebuild them;
 * ``rank_regularization(model, name) -> Tensor | None`` (classmethod): a term to add to the loss.
+
+``rank_step`` also runs :func:`rankwise.pretrain.pretrain_step` for a model parametrized with
+:func:`rankwise.pretrain.parametrize` (ReLoRA's merge-and-reinit, SLTrain's refactorization …), so
+those events need no extra call either; its info is returned under the key ``"pretrain"``.
 """
 
 from __future__ import annotations
@@ -66,6 +70,11 @@ def rank_step(model: nn.Module, step: int, optimizer=None, total_steps: int | No
         info = fn(model, name, step, opts, total_steps)
         if info:
             out[name] = info
+    from ..pretrain import pretrain_step  # lazy: rankwise.pretrain imports the parametrizations
+
+    info = pretrain_step(model, step, opts, total_steps)
+    if info:
+        out["pretrain"] = info
     return out
 
 
@@ -81,5 +90,9 @@ def rank_regularization(model: nn.Module) -> torch.Tensor | None:
 
 
 def has_rank_hooks(model: nn.Module) -> bool:
-    """Whether any adapter of ``model`` has an ``on_step`` or ``rank_regularization`` hook."""
-    return any(True for _ in _hooked(model, "on_step")) or any(True for _ in _hooked(model, "rank_regularization"))
+    """Whether any adapter of ``model`` has an ``on_step`` or ``rank_regularization`` hook, or the
+    model's pretraining parametrization (:mod:`rankwise.pretrain`) has an ``on_step``."""
+    from ..pretrain import has_step_hook
+
+    return (any(True for _ in _hooked(model, "on_step")) or any(True for _ in _hooked(model, "rank_regularization"))
+            or has_step_hook(model))

@@ -33,10 +33,12 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -121,11 +123,24 @@ def _is_old(p: Path) -> bool:
 
 
 def _remove(p: Path) -> None:
+    """Delete a temporary (file or folder). A read-only folder (an old copy the user made ``chmod 555``)
+    is made writable to empty it; what still cannot go is named in a warning, not left silently."""
     if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
+        def retry(fn, path, _exc):
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.dirname(path), 0o700)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.chmod(path, 0o700)
+                fn(path)
+
+        kw = {"onexc": retry} if sys.version_info >= (3, 12) else {"onerror": retry}
+        shutil.rmtree(p, **kw)
     else:
         with contextlib.suppress(OSError):
             p.unlink()
+    if os.path.lexists(p):
+        warnings.warn(f"rankwise could not remove its temporary {p} (permissions?); it holds an old copy "
+                      "and can be deleted by hand.", stacklevel=3)
 
 
 def _repair(path: Path) -> None:
