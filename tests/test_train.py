@@ -319,6 +319,7 @@ def _poisoned(at_step: int, where: str):
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_nonfinite_step_stops_and_keeps_the_last_checkpoint(tmp_path, where):
+    """Reliability case T1: a NaN step ran on, and a NaN checkpoint replaced the good one."""
     data = make_data()
     model = make_mlp()
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, checkpoint_every=1)

@@ -234,7 +234,7 @@ def test_save_load_roundtrip(method, kind, seed, tmp_path):
     # the original stays the base model's
     assert torch.equal(fresh.post.original.w, base.post.w) and torch.equal(fresh.post.original.b, base.post.b)
     assert torch.equal(fresh.layer.base.weight, base.layer.weight)
-    assert rw.trainable_parameters(fresh) == rw.trainable_parameters(model)
+    assert rw.parameter_count(fresh).trainable == rw.parameter_count(model).trainable
 
 
 # ---- identity at init -------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_only_adapters_get_grads(method, kind, seed):
     assert {n for n, p in model.named_parameters() if id(p) in {id(q) for q in head.parameters()}} == {
         "post.copies.default.w", "post.copies.default.b"}
     expected = cls.num_params(layer.view, layer.adapters["default"].config) + 2  # + post (w, b)
-    assert rw.trainable_parameters(model) == expected
+    assert rw.parameter_count(model).trainable == expected
     assert sum(p.numel() for p in layer.adapters.parameters() if p.requires_grad) == expected - 2
 
 
@@ -399,7 +399,7 @@ def _bf16_close(out, ref):
 
 @pytest.mark.parametrize("method,kind,seed", [c for c in CASES if c.values[2] == 0])
 def test_trains_with_bf16_weights(method, kind, seed):
-    """A bfloat16 model: adapter tensors in bf16, forward matches the weight view at bf16 precision,
+    """Reliability case A12 (HRA crashed in bf16 / fp16). A bfloat16 model: adapter tensors in bf16, forward matches the weight view at bf16 precision,
     one backward gives finite gradients on every adapter parameter and none on the base."""
     layer, x = _make_layer(kind, seed)
     model = Net(layer.to(torch.bfloat16))
@@ -485,7 +485,7 @@ def test_dropout_trains_in_low_precision(method, kind, seed, precision):
 
 @pytest.mark.parametrize("method,kind,seed", [c for c in CASES if c.values[2] == 0])
 def test_adapts_meta_device_model(method, kind, seed):
-    """``rw.adapt`` on a model built under ``torch.device("meta")`` (how FSDP and large-model loaders
+    """Reliability case A9. ``rw.adapt`` on a model built under ``torch.device("meta")`` (how FSDP and large-model loaders
     build models) creates every adapter tensor on the meta device, with the declared parameter count."""
     layer, x = _make_layer(kind, seed)
     with torch.device("meta"):
@@ -497,7 +497,7 @@ def test_adapts_meta_device_model(method, kind, seed):
     for name, t in tensors.items():
         assert t.device.type == "meta", f"{method}: {name} was created on {t.device}"
     cls = rw.get_method(method)
-    assert rw.trainable_parameters(model) == cls.num_params(adapted.view, adapted.adapters["default"].config)
+    assert rw.parameter_count(model).trainable == cls.num_params(adapted.view, adapted.adapters["default"].config)
 
 
 # ---- the contract is checked when a method registers -------------------------------------------------

@@ -210,7 +210,7 @@ def test_fractional_rank_is_frugals_round(dim, density):
 # ---- non-finite gradients at a refresh ----------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["svd", "randomized_svd", "random", "dct"])
 def test_refresh_on_a_nonfinite_gradient_keeps_the_basis(kind):
-    """A NaN/inf gradient on a refresh step keeps the previous basis with a warning (an SVD of NaNs
+    """Reliability case O7. A NaN/inf gradient on a refresh step keeps the previous basis with a warning (an SVD of NaNs
     would raise inside optimizer.step()); a non-finite first gradient builds the basis from its
     finite part."""
     g = torch.Generator().manual_seed(0)
