@@ -182,9 +182,11 @@ def test_merge_resets_B_state_and_reports():
             assert all(float(t.abs().sum()) == 0 for k, t in opt.state[m.B].items() if k != "step")
 
 
-def test_resume_is_bit_exact_across_a_merge(tmp_path):
-    """Merges at steps 1, 3 and 7 (τ = 3); killed during step 7 and resumed from the step-6 checkpoint
-    alone: it holds the packed base, P and the armed capture flag."""
+@pytest.mark.parametrize("every, die_after", [(6, 6), (4, 5), (2, 3)])
+def test_resume_is_bit_exact_across_a_merge(tmp_path, every, die_after):
+    """Merges at steps 1, 3 and 7 (τ = 3); killed in the step after a checkpoint at 6 (before a merge), 4
+    or 2 (before a step that merges nothing) and resumed from the checkpoint alone: it holds the packed
+    base, P and the capture flag, and a stale capture of the fresh model is dropped."""
     from safetensors.torch import load_file
 
     from rankwise.train import train
@@ -200,12 +202,12 @@ def test_resume_is_bit_exact_across_a_merge(tmp_path):
 
     def dying_loss(m, batch):
         calls.append(1)
-        if len(calls) > 6:
+        if len(calls) > die_after:
             raise KeyboardInterrupt
         return lm_loss(m, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(first, data(), collate, dying_loss, config(steps, checkpoint_every=6), checkpoint_dir=tmp_path / "c",
+        train(first, data(), collate, dying_loss, config(steps, checkpoint_every=every), checkpoint_dir=tmp_path / "c",
               progress=False)
     frozen = rp.frozen_state(first)
     assert {k.rsplit(".", 1)[1] for k in frozen} == {"qdata", "absmax", "P", "capture"}
@@ -214,7 +216,7 @@ def test_resume_is_bit_exact_across_a_merge(tmp_path):
 
     resumed = tiny_llama()
     rp.parametrize(resumed, "loqt", **options)
-    train(resumed, data(), collate, lm_loss, config(steps, checkpoint_every=6), checkpoint_dir=tmp_path / "c",
+    train(resumed, data(), collate, lm_loss, config(steps, checkpoint_every=every), checkpoint_dir=tmp_path / "c",
           resume=True, progress=False)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

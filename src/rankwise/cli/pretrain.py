@@ -23,11 +23,26 @@ The recipe (also used by ``benchmarks/optimizers.py``):
   ReLoRA runs its jagged cosine schedule (a re-warmup after each merge); the others train's
   warmup-cosine.
 
+* **Checkpoints** — ``--checkpoint-every N`` writes ``out/checkpoint`` (atomically, through
+  :func:`rankwise.train.train`) every N steps and at the end; it holds the parametrized layers'
+  whole state (merged weights, quantized base, sampled vectors), the optimizer, scheduler and RNG.
+  ``--resume`` continues from it, bit-exactly (merges and re-quantizations included). A resume
+  must use the settings of the run that wrote it (``run.json``: model, parametrization and its
+  options, optimizer and its options, seed, batch, sequence length, warmup, spike options); any
+  other is refused naming both values, before anything is written. ``--steps`` may differ (not below
+  the checkpoint's step), but the schedule then differs from the first run's.
+* **Loss spikes** — a step whose loss is above ``--spike-factor`` (3) × the median of the last
+  ``--spike-window`` (50) finite step losses is warned about and listed in the report;
+  ``--skip-spikes`` drops its update (:class:`SpikeGuard`).
+
 Output folder: ``report.md`` (summary table: losses, validation perplexity, stored and trainable
-parameters, optimizer-state bytes, peak RSS, time per step, tokens/s), ``loss_curve.png``,
+parameters, optimizer-state bytes, peak RSS, time per step, tokens/s, spikes), ``loss_curve.png``,
 ``model.safetensors`` (final weights, written atomically: a plain LLaMA state dict — a
-parametrized model is turned dense first — except CoLA, saved in its factorized form) and
-``config.json`` (the model config).
+parametrized model is turned dense first — except CoLA, saved in its factorized form),
+``config.json`` (the model config), ``run.json`` (the run's settings and final metrics),
+``checkpoint/`` (with ``--checkpoint-every`` / ``--resume``) and ``hf/`` (with ``--hf``: a plain
+Hugging Face folder). :func:`rankwise.pretrain.load_pretrained` loads the folder back in one call;
+:func:`rankwise.pretrain.export_dense` writes the plain folder.
 """
 
 from __future__ import annotations
@@ -202,15 +217,23 @@ def evaluator(windows: Windows, batch_size: int = 16):
 #: ``--parametrization`` choices: ``full`` (dense weights) or a :mod:`rankwise.pretrain` name.
 PARAMETRIZATIONS = ("full", "relora", "periodic_lora", "sltrain", "cola", "sst", "loqt")
 _PARAM_FLAGS = {"rank": "--param-rank", "density": "--density", "reset_every": "--reset-every",
-                "refactorize_every": "--refactorize-every"}
+                "refactorize_every": "--refactorize-every", "quant": "--quant"}
+#: ``--reset-every N`` sets the period of the parametrization's training-time event: ReLoRA's and
+#: PeriodicLoRA's merge-and-restart (``reset_every``), LoQT's first merge gap τ (``update_gap``; later
+#: gaps grow as the paper's schedule) and SST's resampling period (``resample_every``).
+_EVENT_FIELD = {"relora": "reset_every", "periodic_lora": "reset_every", "loqt": "update_gap",
+                "sst": "resample_every"}
 
 
 def parametrize_model(model, name: str, *, rank: int | None = None, density: float | None = None,
-                      reset_every: int | None = None, refactorize_every: int | None = None, seed: int = 0):
+                      reset_every: int | None = None, refactorize_every: int | None = None, quant: str | None = None,
+                      seed: int = 0):
     """Apply ``--parametrization name`` to ``model`` (in place; ``full`` leaves it as it is). Options
-    go to the parametrization's ``Config`` fields of the same name; one it has no field for is an
-    error, and ``rank`` defaults to ``hidden_size // 4`` (the papers' ratio: rank 128 at width 512)."""
-    values = {"rank": rank, "density": density, "reset_every": reset_every, "refactorize_every": refactorize_every}
+    go to the parametrization's ``Config`` fields of the same name (``reset_every`` to the field of
+    :data:`_EVENT_FIELD`); one it has no field for is an error, and ``rank`` defaults to
+    ``hidden_size // 4`` (the papers' ratio: rank 128 at width 512)."""
+    values = {"rank": rank, "density": density, "reset_every": reset_every, "refactorize_every": refactorize_every,
+              "quant": quant}
     given = [_PARAM_FLAGS[k] for k, v in values.items() if v is not None]
     if name not in PARAMETRIZATIONS:
         from ..errors import close_names
@@ -228,11 +251,14 @@ def parametrize_model(model, name: str, *, rank: int | None = None, density: flo
         raise ConfigError(f"pretrain: --parametrization {name} is not available in this install (rankwise.pretrain "
                           f"has {', '.join(sorted(rp.PARAMETRIZATIONS))}); choose one of those.")
     fields = {f.name for f in dataclasses.fields(rp.PARAMETRIZATIONS[name].Config)}
+    options = {}
     for key, value in values.items():
-        if value is not None and key not in fields:
-            raise ConfigError(f"pretrain: {_PARAM_FLAGS[key]} does not apply to --parametrization {name} (its options: "
-                              f"{', '.join(sorted(fields))}).")
-    options = {k: v for k, v in values.items() if v is not None}
+        field = _EVENT_FIELD.get(name, key) if key == "reset_every" else key
+        if value is not None:
+            if field not in fields:
+                raise ConfigError(f"pretrain: {_PARAM_FLAGS[key]} does not apply to --parametrization {name} (its "
+                                  f"options: {', '.join(sorted(fields))}).")
+            options[field] = value
     if "rank" in fields and rank is None:
         options["rank"] = max(1, model.config.hidden_size // 4)
     return rp.parametrize(model, name, targets=TARGETS, seed=seed, **options)
@@ -303,44 +329,235 @@ def _schedule(model, kind: str, cfg):
                          config.reset_every - 1), min_ratio=0.1, warm_start=config.warm_start_steps)
 
 
+#: What ``--out`` may hold before a run replaces it (all of it written by ``rankwise pretrain``).
+OUT_NAMES = ("model.safetensors", "config.json", "loss_curve.png", "report.md", "run.json", "checkpoint", "hf")
+RUN_FORMAT = "rankwise.pretrain.run/1"
+#: Keys of ``run.json`` a resumed run must match (everything that changes the trained model; not
+#: ``steps``: :func:`rankwise.train.train` refuses a checkpoint past ``steps`` itself).
+_IDENTITY = ("model", "parametrization", "parametrization options", "optimizer", "optimizer options", "seed",
+             "batch_size", "seq_len", "warmup", "spikes")
+_IDENTITY_FLAGS = {"model": "--model-config", "parametrization": "--parametrization", "optimizer": "--optimizer",
+                   "seed": "--seed", "batch_size": "--batch-size", "seq_len": "--seq-len", "warmup": "--warmup"}
+
+
+class SpikeGuard:
+    """Loss-spike detection, as a wrapper of the loss function of :func:`rankwise.train.train`.
+
+    A step is a **spike** when its loss exceeds ``factor`` × the median of the last ``window``
+    finite step losses (defaults 3× over 50 steps; checked once ``min_history`` = 10 losses are
+    known, so the fast fall of the first steps is never flagged). Each spike is warned about
+    (``warnings.warn``, the step, loss, median and ratio) and listed in :attr:`spikes`. With
+    ``skip=True`` the wrapper returns a NaN loss instead (a leaf tensor: no backward through the
+    model), which ``train(..., TrainConfig(on_nonfinite="skip"))`` drops: no optimizer step, no
+    parametrization event (merge, restart) at that step; the schedule moves on and the step's
+    recorded loss is NaN. The median window holds the finite recorded losses, so it is rebuilt
+    exactly from a checkpoint's history (``history``) on resume. One call = one optimizer step
+    (no gradient accumulation, as ``rankwise pretrain``).
+    """
+
+    def __init__(self, loss_fn, factor: float = 3.0, window: int = 50, skip: bool = False, min_history: int = 10,
+                 history=(), start_step: int = 0):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ConfigError(f"pretrain: --spike-factor {factor!r} must be a number > 0 (default 3: a step whose loss "
+                              "is above 3x the running median is a spike).")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"pretrain: --spike-window {window!r} must be an int >= 1 (default 50 steps).")
+        from collections import deque
+
+        self.loss_fn, self.factor, self.window, self.skip = loss_fn, float(factor), window, skip
+        self.min_history = min(min_history, window)
+        self.recent = deque((float(v) for v in history if math.isfinite(float(v))), maxlen=window)
+        self.step = start_step
+        self.spikes: list[tuple[int, float, float]] = []  # (step, loss, median)
+
+    def __call__(self, model, batch):
+        import statistics
+        import warnings
+
+        loss = self.loss_fn(model, batch)
+        self.step += 1
+        value = float(loss.detach())
+        if math.isfinite(value) and len(self.recent) >= self.min_history:
+            median = statistics.median(self.recent)
+            if value > self.factor * median:
+                self.spikes.append((self.step, value, median))
+                what = ("skipped (--skip-spikes)" if self.skip else "kept; pass --skip-spikes to drop such steps")
+                warnings.warn(f"rankwise pretrain: loss spike at step {self.step}: loss {value:.4f} is "
+                              f"{value / median:.1f}x the median {median:.4f} of the last {len(self.recent)} steps "
+                              f"(threshold {self.factor:g}x); {what}.", RuntimeWarning, stacklevel=2)
+                if self.skip:
+                    return torch.full_like(loss.detach(), math.nan).requires_grad_()
+        if math.isfinite(value):
+            self.recent.append(value)
+        return loss
+
+
+def _check_out(out) -> Path:
+    """Check ``--out`` (and its ``checkpoint/`` and ``hf/``) before any work: new, empty, or an earlier
+    output of ``rankwise pretrain``; raises :class:`~rankwise.errors.OutputPathError` otherwise."""
+    from ..io.atomic import check_output_dir
+    from ..pretrain.io import HF_NAMES, is_hf_dir
+    from ..train import CHECKPOINT_NAMES, has_checkpoint
+
+    def ours(folder: Path) -> bool:
+        try:
+            with open(folder / "report.md", encoding="utf-8", errors="replace") as f:
+                if f.readline().startswith("# rankwise"):
+                    return True
+        except OSError:
+            pass
+        return has_checkpoint(folder / "checkpoint") or _read_record(folder) is not None
+
+    check_output_dir(Path(out) / "checkpoint", CHECKPOINT_NAMES, "rankwise pretrain --out: checkpoint folder",
+                     lambda d: (d / "trainer_state.json").is_file())
+    check_output_dir(Path(out) / "hf", HF_NAMES, "rankwise pretrain --out: hf folder", is_hf_dir)
+    check_output_dir(out, OUT_NAMES, "rankwise pretrain --out", ours)
+    return Path(out)
+
+
+def _read_record(folder: Path) -> dict | None:
+    """``run.json`` of an output folder (``None`` if absent or not one of ours)."""
+    try:
+        record = json.loads((Path(folder) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == RUN_FORMAT else None
+
+
+def _run_record(args, model, kind: str, lr: float) -> dict:
+    """What identifies a run (``run.json``): everything a resume must match, JSON-normalized."""
+    config = getattr(model, "_rankwise_pretrain", (None, None))[1]
+    record = {
+        "format": RUN_FORMAT,
+        "model": model_config(args.model_config),
+        "model_spec": args.model_config,
+        "parametrization": kind,
+        "parametrization options": {} if config is None else dataclasses.asdict(config),
+        "targets": TARGETS,
+        "optimizer": args.optimizer,
+        "optimizer options": {"lr": lr, "rank": args.rank, "update_gap": args.update_gap, "scale": args.scale,
+                              "projector": args.projector, "weight_decay": args.weight_decay},
+        "seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup,
+        "steps": args.steps,
+        "spikes": {"factor": args.spike_factor, "window": args.spike_window, "skip": args.skip_spikes},
+    }
+    return json.loads(json.dumps(record))
+
+
+def _check_resume(out: Path, saved: dict, record: dict) -> None:
+    """A resumed run must be the run that wrote the checkpoint: name the first difference."""
+    for key in _IDENTITY:
+        old, new = saved.get(key), record.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            what, old, new = f"{key} {diff}", old.get(diff), new.get(diff)
+        else:
+            what = key
+        flag = _IDENTITY_FLAGS.get(key)
+        fix = f" (pass {flag} {old})" if flag and not isinstance(old, dict) else ""
+        raise ConfigError(f"rankwise pretrain --resume: the checkpoint in {out / 'checkpoint'} was written with "
+                          f"{what} = {old!r}, this run has {what} = {new!r}; a resume must use the same settings"
+                          f"{fix}, or write to another --out. Nothing was written.")
+
+
+def _clear_stale(out: Path) -> None:
+    """A fresh run into an earlier run's --out: remove that run's checkpoint/ and hf/ (folders
+    :func:`_check_out` found to hold only what rankwise writes there), so a later ``--resume`` never
+    pairs this run's ``run.json`` with another run's checkpoint."""
+    import shutil
+
+    for sub in ("checkpoint", "hf"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
+
+
+def _sync_frozen(model, checkpoint: Path) -> None:
+    """Load the wrapped layers' frozen state from the checkpoint through ``load_state_dict`` before
+    :func:`rankwise.train.train` resumes (which copies the tensors in place): modules that keep a
+    host-side copy of a buffer (LoQT's ``_armed`` flag of its ``capture`` buffer) refresh it in
+    ``_load_from_state_dict``; an in-place copy leaves it stale, and a LoQT resume from a step
+    before a non-merge step would then capture a gradient into the next merge's ``P``."""
+    from ..io.atomic import read_tensors
+    from ..pretrain import frozen_state
+
+    names = frozen_state(model)
+    if names:
+        saved = read_tensors(checkpoint / "model.safetensors", "rerun without --resume to start from step 0.")
+        model.load_state_dict({k: saved[k] for k in names if k in saved}, strict=False)
+
+
 def run_pretrain(args) -> dict:
     from ..io.atomic import save_tensors, write_json, write_text
     from ..optim import state_bytes
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, has_checkpoint, train
     from ..utils.memory import PeakRSS, release_free_memory
     from ..utils.table import format_table
-    from .common import check_out
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = check_out(args.out, "pretrain", ("model.safetensors", "config.json", "loss_curve.png", "report.md",
-                                           "checkpoint"))
+    out = _check_out(args.out)
+    SpikeGuard(lm_loss, args.spike_factor, args.spike_window)  # checks the flags before any work
+    resume = getattr(args, "resume", False)
+    saved = None
+    if resume:
+        if not has_checkpoint(out / "checkpoint"):
+            raise ConfigError(f"rankwise pretrain --resume: {out / 'checkpoint'} holds no checkpoint (no "
+                              "trainer_state.json); check --out, or run without --resume to start from step 0.")
+        saved = _read_record(out)
+        if saved is None:
+            raise ConfigError(f"rankwise pretrain --resume: {out / 'run.json'} is missing or damaged, so the run that "
+                              "wrote the checkpoint is unknown; run without --resume to start from step 0.")
     model = build_model(args.model_config, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     kind = getattr(args, "parametrization", "full")
     parametrize_model(model, kind, rank=getattr(args, "param_rank", None), density=getattr(args, "density", None),
                       reset_every=getattr(args, "reset_every", None),
-                      refactorize_every=getattr(args, "refactorize_every", None), seed=args.seed)
+                      refactorize_every=getattr(args, "refactorize_every", None), quant=getattr(args, "quant", None),
+                      seed=args.seed)
     from ..pretrain import stored_parameters, trainable_parameters_count
 
     stored, trainable = stored_parameters(model), trainable_parameters_count(model)
     title = args.optimizer if kind == "full" else f"{kind} + {args.optimizer}"
     train_tokens = args.steps * args.batch_size * args.seq_len
-    train_stream, valid_stream = stdlib_bytes(train_tokens, args.valid_tokens)
-    train_data, valid_data = Windows(train_stream, args.seq_len), Windows(valid_stream, args.seq_len)
     opt = make_optimizer(args.optimizer, model, lr=args.lr, rank=args.rank, update_gap=args.update_gap,
                          scale=args.scale, projector=args.projector, weight_decay=args.weight_decay)
     lr = opt.param_groups[-1]["lr"]
+    record = _run_record(args, model, kind, lr)
+    if saved is not None:
+        _check_resume(out, saved, record)
+    train_stream, valid_stream = stdlib_bytes(train_tokens, args.valid_tokens)
+    train_data, valid_data = Windows(train_stream, args.seq_len), Windows(valid_stream, args.seq_len)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup=args.warmup,
-                      eval_every=args.eval_every, seed=args.seed, max_grad_norm=1.0)
+                      eval_every=args.eval_every, seed=args.seed, max_grad_norm=1.0,
+                      checkpoint_every=args.checkpoint_every, on_nonfinite="skip" if args.skip_spikes else "stop")
     evaluate = evaluator(valid_data)
-    before = evaluate(model)
+    history, start = [], 0
+    if saved is not None:
+        from ..io.atomic import read_json
+
+        state = read_json(out / "checkpoint" / "trainer_state.json", "rerun without --resume.")
+        history, start = (state.get("history") or {}).get("losses", []), int(state.get("step", 0))
+        _sync_frozen(model, out / "checkpoint")
+        before = saved.get("valid before", evaluate(model))
+    else:
+        before = evaluate(model)
+        record["valid before"] = before
+        _clear_stale(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", record)  # before any checkpoint: a resume checks it
+    guard = SpikeGuard(lm_loss, args.spike_factor, args.spike_window, args.skip_spikes, history=history,
+                       start_step=start)
+    checkpoint = out / "checkpoint" if (args.checkpoint_every or resume) else None
     release_free_memory()
     with PeakRSS() as peak:
-        result = train(model, train_data, collate, lm_loss, cfg, eval_fn=evaluate, optimizer=opt,
-                       progress=not args.no_progress, desc=title, lr_lambda=_schedule(model, kind, cfg))
+        result = train(model, train_data, collate, guard, cfg, eval_fn=evaluate, optimizer=opt,
+                       progress=not args.no_progress, desc=title, lr_lambda=_schedule(model, kind, cfg),
+                       checkpoint_dir=checkpoint, resume=resume)
     final = result.evals[-1][1]
     state = state_bytes(opt, model)["total"]
+    finite = [v for v in result.losses if math.isfinite(v)][-10:]
     row = {
         "optimizer": args.optimizer,
         "parametrization": kind,
@@ -352,7 +569,7 @@ def run_pretrain(args) -> dict:
         "steps": args.steps,
         "tokens": train_tokens,
         "lr": lr,
-        "train loss (last 10)": round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4),
+        "train loss (last 10)": round(sum(finite) / max(len(finite), 1), 4),
         "valid loss": round(final["loss"], 4),
         "valid ppl": round(final["perplexity"], 3),
         "opt state MB": round(state / 2**20, 3),
@@ -360,6 +577,7 @@ def run_pretrain(args) -> dict:
         "peak RSS +MB": round(peak.peak_bytes / 2**20, 1),
         "s/step": round(result.wall_time / args.steps, 3),
         "tokens/s": round(train_tokens / max(result.wall_time, 1e-9), 1),
+        "spikes": len(guard.spikes),
     }
     note = _param_note(kind, model)
     if kind not in ("full", "cola"):  # a plain LLaMA state dict (CoLA has no dense weight: kept factorized)
@@ -367,22 +585,34 @@ def run_pretrain(args) -> dict:
 
         to_dense(model)
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "model.safetensors", {k: v for k, v in model.state_dict().items()})
+    save_tensors(out / "model.safetensors", dict(model.state_dict()), metadata={"format": "pt"})
     write_json(out / "config.json", model.config.to_dict())
     _plot(out / "loss_curve.png", result.losses, result.evals, f"{title} on {args.model_config}")
     headers = list(row)
     table = format_table([[row[h] for h in headers]], headers, markdown=True)
     evals = "\n".join(f"| {s} | {m['loss']:.4f} | {m['perplexity']:.3f} |" for s, m in result.evals)
+    spikes = ("" if not guard.spikes else
+              f"\nLoss spikes (> {args.spike_factor:g}x the median of the last {args.spike_window} steps"
+              f"{'; skipped' if args.skip_spikes else ''}): "
+              + ", ".join(f"step {s} ({v:.3f} vs {m:.3f})" for s, v, m in guard.spikes) + ".\n")
+    resumed = f" Resumed from the step-{start} checkpoint." if resume and start else ""
     md = (f"# rankwise pretrain: {title} on {args.model_config}\n\n{table}\n\n"
           f"![loss curve](loss_curve.png)\n\n"
           f"Byte-level LM on the Python standard library's source ({len(train_data)} train windows of "
           f"{args.seq_len} tokens, {len(valid_data)} validation windows); batch {args.batch_size}; "
           f"warmup then cosine; clip 1.0; seed {args.seed}. Validation loss before training: "
-          f"{before['loss']:.4f} (uniform over bytes: {math.log(VOCAB):.4f}).\n\n"
+          f"{before['loss']:.4f} (uniform over bytes: {math.log(VOCAB):.4f}).{resumed}\n\n"
           f"| step | valid loss | valid ppl |\n|---:|---:|---:|\n{evals}\n\n"
           f"Optimizer: {OPTIMIZERS[args.optimizer][1]}. Optimizer state counted by "
-          f"`rankwise.optim.state_bytes` ({state:,} bytes).\n" + note)
+          f"`rankwise.optim.state_bytes` ({state:,} bytes).\n" + note + spikes
+          + "\nLoad for evaluation or generation: `rankwise.pretrain.load_pretrained(\"<this folder>\")`.\n")
     write_text(out / "report.md", md)
+    write_json(out / "run.json", dict(saved or record, final=final, spikes=record["spikes"],
+                                      **{"spike steps": [s for s, _, _ in guard.spikes]}))
+    if getattr(args, "hf", False):
+        from ..pretrain.io import export_dense
+
+        export_dense(out, out / "hf")
     from .common import print_table
 
     print_table([row])
@@ -450,9 +680,11 @@ def add_parser(sub) -> None:
                    help="rank of the parametrization's factors (default hidden_size / 4)")
     p.add_argument("--density", type=float, default=None, help="sltrain: share of entries in the sparse part")
     p.add_argument("--reset-every", type=positive_int, default=None,
-                   help="relora / periodic_lora: merge-and-restart every N steps")
+                   help="relora / periodic_lora: merge-and-restart every N steps; loqt: first merge gap (later gaps "
+                        "grow); sst: resample every N steps")
     p.add_argument("--refactorize-every", type=positive_int, default=None,
                    help="sltrain (and cola with identity): SVD refactorization + momentum reset every N steps")
+    p.add_argument("--quant", default=None, help="loqt: quantizer of the frozen base (nf4, int4, int8; default nf4)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per optimizer)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--steps", type=positive_int, default=200)
@@ -463,8 +695,31 @@ def add_parser(sub) -> None:
     p.add_argument("--valid-tokens", type=positive_int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--checkpoint-every", type=_nonneg_int, default=0,
+                   help="write out/checkpoint every N steps and at the end (0: none; atomic, exact resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from out/checkpoint (same settings as the run that wrote it)")
+    p.add_argument("--spike-factor", type=float, default=3.0,
+                   help="warn when a step's loss exceeds this many times the running median (default 3)")
+    p.add_argument("--spike-window", type=positive_int, default=50,
+                   help="steps in the running median of --spike-factor (default 50)")
+    p.add_argument("--skip-spikes", action="store_true", help="drop the update of a loss-spike step")
+    p.add_argument("--hf", action="store_true",
+                   help="also write out/hf: a plain dense Hugging Face model folder (rankwise.pretrain.export_dense)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _nonneg_int(s: str) -> int:
+    import argparse
+
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
 
 
 def _rank(s: str):

@@ -38,10 +38,11 @@ import zlib
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TargetError, close_names
+from ..errors import ConfigError, TargetError, UnsupportedLayerError, close_names
 
-__all__ = ["PARAMETRIZATIONS", "TARGETS", "frozen_state", "has_step_hook", "layer_generator", "parametrize", "pretrain_step", "register",
-           "stored_parameters", "to_dense", "trainable_parameters_count", "wrapped_layers"]
+__all__ = ["PARAMETRIZATIONS", "TARGETS", "export_dense", "frozen_state", "has_step_hook", "layer_generator",
+           "load_pretrained", "parametrize", "pretrain_step", "register", "stored_parameters", "to_dense",
+           "trainable_parameters_count", "wrapped_layers"]
 
 #: name -> class, filled by :func:`register`.
 PARAMETRIZATIONS: dict[str, type] = {}
@@ -116,6 +117,16 @@ def parametrize(model: nn.Module, name: str, targets: str | None = None, seed: i
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and m is not head]
     matched = [(n, m) for n, m in linears if pattern.search(n)]
+    # a matched layer with a weight matrix that is not an nn.Linear (GPT-2's Conv1D, a convolution, an
+    # embedding) would silently stay dense: refuse it
+    other = [(n, m) for n, m in model.named_modules() if n and pattern.search(n) and not isinstance(m, nn.Linear)
+             and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim >= 2 and m is not head]
+    if other:
+        n, m = other[0]
+        raise UnsupportedLayerError(
+            f"pretrain: targets={pattern.pattern!r} matches {n}, a {type(m).__name__} (weight shape "
+            f"{tuple(m.weight.shape)}); {name} replaces nn.Linear layers only. Narrow targets to the nn.Linear "
+            "layers (e.g. r'(self_attn|mlp)\\.') or convert the model's layers to nn.Linear first.")
     if not matched:
         shown = ", ".join(n for n, _ in linears[:8]) or "none"
         raise TargetError(f"pretrain: targets={pattern.pattern!r} matches no nn.Linear of {type(model).__name__} "
@@ -222,6 +233,20 @@ def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if id(v) not in trainable:
                 out[f"{n}.{k}"] = v.detach()
     return out
+
+
+def load_pretrained(out_dir, dtype=None, device=None):
+    """The model a ``rankwise pretrain`` run saved (see :func:`rankwise.pretrain.io.load_pretrained`)."""
+    from .io import load_pretrained as load
+
+    return load(out_dir, dtype=dtype, device=device)
+
+
+def export_dense(out_dir, hf_dir):
+    """A plain Hugging Face folder of a ``rankwise pretrain`` run (:func:`rankwise.pretrain.io.export_dense`)."""
+    from .io import export_dense as export
+
+    return export(out_dir, hf_dir)
 
 
 def _load_builtins() -> None:

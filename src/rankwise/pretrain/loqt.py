@@ -341,5 +341,8 @@ class LoQT:
             info = {"merged": len(errors), "max_merge_error": max(errors, default=0.0), "state_zeroed": zeroed}
         arm = is_merge_step(step + 1, config)
         for _, m in layers:
+            # a capture from a step that merged nothing is stale (e.g. a layer armed by its init but
+            # resumed from a checkpoint past step 1, whose buffers are copied in place): drop it
+            m._dense_grad = None
             m.arm(arm)
         return info
