@@ -22,6 +22,7 @@ mask, and rebuilds ``drop(x)`` in backward — PEFT keeps a full extra copy of t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -120,13 +121,48 @@ class Lora(Method):
         }
 
     @classmethod
+    def peft_patterns(cls, config: LoraConfig, adapters: dict[str, nn.Module]) -> dict:
+        r"""PEFT's ``rank_pattern`` / ``alpha_pattern`` for the modules whose rank or α differs from the
+        adapter's (``module_overrides``; ``rw.combine`` on a layer too small for the common rank).
+
+        PEFT picks a module's entry with ``re.match(rf"(.*\.)?({key})$", module)``, first key first. A key
+        is the module's name where that matches no other adapted module, else ``^`` + the escaped name
+        (``^`` inside PEFT's group only matches at the start: exactly that module). Dropout and rsLoRA
+        have no PEFT pattern, so modules that differ there are refused."""
+        names = list(adapters)
+        ranks, alphas = {}, {}
+        for name, ad in adapters.items():
+            c = ad.config
+            for opt in ("dropout", "rslora"):
+                if getattr(c, opt) != getattr(config, opt):
+                    raise ConfigError(
+                        f"module '{name}' has {opt}={getattr(c, opt)!r} while the adapter has {getattr(config, opt)!r}; "
+                        f"PEFT's LoRA format has one {opt} per adapter (patterns exist only for rank and alpha). "
+                        "Save it with rw.save() instead.")
+            if c.rank == config.rank and c.lora_alpha == config.lora_alpha:
+                continue
+            key = peft_pattern_key(name, names)
+            if c.rank != config.rank:
+                ranks[key] = c.rank
+            if c.lora_alpha != config.lora_alpha:
+                alphas[key] = c.lora_alpha
+        return {"rank_pattern": ranks, "alpha_pattern": alphas}
+
+    @classmethod
+    def peft_module_overrides(cls, pcfg: dict, modules: list[str]) -> dict[str, dict]:
+        r"""Per-module ``rank`` / ``alpha`` from PEFT's ``rank_pattern`` / ``alpha_pattern`` (PEFT's rule:
+        the first key matching the end of the module name)."""
+        out: dict[str, dict] = {}
+        for key, opt, conv in (("rank_pattern", "rank", int), ("alpha_pattern", "alpha", float)):
+            pattern = pcfg.get(key) or {}
+            for m in modules:
+                hit = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", m)), None)
+                if hit is not None:
+                    out.setdefault(m, {})[opt] = conv(pattern[hit])
+        return out  # a module without an alpha entry keeps the adapter's alpha (lora_alpha), as in PEFT
+
+    @classmethod
     def from_peft_config(cls, pcfg: dict) -> dict:
-        for key in ("rank_pattern", "alpha_pattern"):
-            if pcfg.get(key):
-                raise ConfigError(
-                    f"PEFT adapter uses {key}={pcfg[key]}; rankwise's lora has one rank and alpha per "
-                    "adapter. Re-export it from PEFT without per-module patterns."
-                )
         if pcfg.get("bias", "none") != "none" or pcfg.get("lora_bias"):
             raise ConfigError("PEFT adapter trains biases (bias != 'none'); rankwise's lora leaves biases frozen.")
         return {"rank": int(pcfg["r"]), "alpha": float(pcfg["lora_alpha"]),
@@ -159,3 +195,13 @@ class Lora(Method):
     @classmethod
     def peft_suffixes(cls) -> tuple[str, ...]:
         return ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def peft_pattern_key(name: str, names: list[str]) -> str:
+    r"""The ``rank_pattern`` key that selects module ``name`` and no other of ``names`` under PEFT's
+    matching rule ``re.match(rf"(.*\.)?({key})$", module)``: the plain name where that is unambiguous
+    (the usual case: readable), else ``^`` + the escaped name."""
+    if re.fullmatch(r"[\w.]+", name) and not any(
+            other != name and re.match(rf"(.*\.)?({name})$", other) for other in names):
+        return name
+    return "^" + re.escape(name)
