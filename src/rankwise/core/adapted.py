@@ -63,6 +63,8 @@ def _load_merged(module: AdaptedLayer, state_dict: dict, prefix: str, *args) -> 
 
 
 class AdaptedLayer(nn.Module):
+    _mixed = None  # the open rw.mixed_batch block, if any: it computes forward per row (core/mixed.py)
+
     def __init__(self, base: nn.Module, name: str, view: LayerView | None = None):
         super().__init__()
         self.base = base
@@ -95,6 +97,8 @@ class AdaptedLayer(nn.Module):
             raise
 
     def forward(self, x, *args, **kwargs):
+        if self._mixed is not None:
+            return self._mixed.layer_forward(self, x, *args, **kwargs)
         if self.merged and self.training and torch.is_grad_enabled() and any(
                 p.requires_grad for n in self.merged for p in self.adapters[n].parameters()):
             raise ConfigError(
@@ -182,6 +186,8 @@ class TrainedCopies(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
 
+    _mixed = None  # the open rw.mixed_batch block, if any (core/mixed.py)
+
     def add(self, name: str) -> nn.Module:
         new = copy.deepcopy(self.original)
         for p in new.parameters():
@@ -193,6 +199,8 @@ class TrainedCopies(nn.Module):
         return self.copies[self.active] if self.active in self.copies else self.original
 
     def forward(self, *args, **kwargs):
+        if self._mixed is not None:
+            return self._mixed.copies_forward(self, *args, **kwargs)
         return self.current()(*args, **kwargs)
 
     @property
