@@ -87,15 +87,27 @@ class LayerwiseHandle(torch.optim.Optimizer):
 
 
 def layerwise(model: nn.Module, opt_factory: Callable[[list[dict]], torch.optim.Optimizer], *,
-              params: Iterable | None = None, accumulation_steps: int = 1) -> LayerwiseHandle:
+              params: Iterable | None = None, accumulation_steps: int = 1, process_group=None) -> LayerwiseHandle:
     """Step every trainable parameter of ``model`` in its gradient hook (see the module docstring).
 
     ``opt_factory(groups)`` builds the optimizer of one parameter from a one-group list
     ``[{"params": [p], **options}]``. ``params``: param groups to take the options from (e.g.
     :func:`rankwise.optim.param_groups`); default all trainable parameters, no options.
+
+    Several processes (``torch.distributed`` initialized, world size > 1): each hook averages its
+    gradient over ``process_group`` (default: the world) with an ``all_reduce`` before stepping, so
+    every replica steps on the same averaged gradient — what DDP would give — and the replicas stay
+    identical (the GaLore projector too: it is computed from that same gradient). Do not wrap the
+    model in ``DistributedDataParallel``: DDP averages gradients *after* these hooks have already
+    stepped on the local ones (replicas would silently diverge), so a DDP-wrapped model is refused.
     """
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ConfigError(f"layerwise: accumulation_steps={accumulation_steps!r} must be an int ≥ 1.")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ConfigError(
+            "layerwise: the model is wrapped in DistributedDataParallel, which averages gradients only after "
+            "the layer-wise hooks have stepped on each process's local gradient, so the replicas would diverge. "
+            "Pass the unwrapped model (model.module): layerwise averages each gradient across processes itself.")
     names = {id(p): n for n, p in model.named_parameters()}
     if params is None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -123,19 +135,33 @@ def layerwise(model: nn.Module, opt_factory: Callable[[list[dict]], torch.optim.
             if isinstance(opt, LowRankOptimizer):  # per-parameter seeds as if one optimizer held all
                 opt._pindex = {id(p): len(seen) - 1}
             optimizers[name] = opt
-            hooks.append(p.register_post_accumulate_grad_hook(_make_hook(opt, accumulation_steps)))
+            hooks.append(p.register_post_accumulate_grad_hook(_make_hook(opt, accumulation_steps, process_group)))
     if not optimizers:
         raise ConfigError(f"layerwise: {type(model).__name__} has no trainable parameter to step.")
     return LayerwiseHandle(optimizers, hooks, accumulation_steps)
 
 
-def _make_hook(opt: torch.optim.Optimizer, every: int):
+def _world(process_group) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _make_hook(opt: torch.optim.Optimizer, every: int, process_group=None):
     calls = [0]
 
     def hook(param: torch.Tensor) -> None:
         calls[0] += 1
         if calls[0] % every:
             return
+        world = _world(process_group)
+        if world > 1:  # every process runs the same hooks in the same (backward) order
+            import torch.distributed as dist
+
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=process_group)
+            param.grad.div_(world)
         opt.step()
         param.grad = None
 

@@ -1,0 +1,207 @@
+"""Adapters and low-rank optimizers under torch.distributed: 2 CPU processes, gloo backend.
+
+Each scenario trains on 2 processes, each on its half of a batch, and is compared with one
+process training on the whole batch (the loss is a mean over equal halves, so the averaged
+gradient is the whole-batch gradient): DDP with LoRA and DoRA, FSDP2 (``fully_shard``) with LoRA
+(its adapter saved by ``rw.save`` on every rank: gathered, complete), GaLore under DDP, and
+layer-wise GaLore (which averages in its hooks; on a DDP-wrapped model it is refused).
+Tolerance: float32 sums in another order, 1e-6.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import rankwise as rw
+from rankwise.errors import ConfigError
+
+SETUP = textwrap.dedent("""
+    import torch
+    from torch import nn
+    import rankwise as rw
+
+    STEPS = 3
+
+    def batch():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
+
+    def build(method=None):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+        if method is not None:
+            rw.adapt(m, method, rank=4, targets=["0", "2"], seed=0)
+            with torch.no_grad():  # B = 0 at init: move it so every factor gets a gradient
+                for n, p in m.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        return m
+
+    def galore(params):
+        return rw.optim.GaLoreAdamW(params, lr=1e-2)
+
+    def galore_groups(m):
+        return rw.optim.param_groups(m, rank=4, update_proj_gap=2)
+
+    def trainable(m):
+        return {n.removeprefix("module."): p for n, p in m.named_parameters() if p.requires_grad}
+
+    def loss_of(m, x, y):
+        return (m(x) - y).square().mean()
+""")
+
+WORKER = SETUP + textwrap.dedent("""
+    import sys
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    x, y = batch()
+    xs, ys = x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]
+    results = {}
+
+    def run(model, opt):
+        for _ in range(STEPS):
+            loss_of(model, xs, ys).backward()
+            opt.step()
+            opt.zero_grad()
+
+    for method in ("lora", "dora"):  # DDP
+        m = DDP(build(method))
+        run(m, torch.optim.AdamW(trainable(m).values(), lr=1e-2))
+        results.update({f"ddp_{method}/{k}": v.detach() for k, v in trainable(m).items()})
+        if rank == 0:
+            rw.save(m, f"{out}/ddp_{method}")  # a DDP-wrapped model saves like the bare one
+
+    m = DDP(build())  # GaLore, all weights trained
+    run(m, galore(galore_groups(m.module)))
+    results.update({f"ddp_galore/{k}": v.detach() for k, v in trainable(m).items()})
+
+    m = build()  # layer-wise GaLore: no DDP wrapper, the hooks average
+    handle = rw.optim.layerwise(m, galore, params=galore_groups(m))
+    for _ in range(STEPS):
+        loss_of(m, xs, ys).backward()
+    results.update({f"layerwise_galore/{k}": v.detach() for k, v in trainable(m).items()})
+    handle.remove()
+    try:
+        rw.optim.layerwise(DDP(build()), galore)
+    except rw.errors.ConfigError as e:
+        results["layerwise_ddp_refused"] = torch.tensor(1.0)
+        if rank == 0:
+            print(e)
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    m = build("lora")  # FSDP2: every adapted layer its own unit
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in (m[0], m[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    run(m, torch.optim.AdamW(trainable(m).values(), lr=1e-2))
+    results.update({f"fsdp_lora/{k}": v.full_tensor().detach() for k, v in trainable(m).items()})
+    rw.save(m, f"{out}/fsdp_lora")  # on every rank: gathers, rank 0 writes
+
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/results.safetensors")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp / "init"), str(tmp)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return tmp, load_file(tmp / "results.safetensors"), outs[0][0]
+
+
+def _single(kind: str) -> dict[str, torch.Tensor]:
+    """The same training in one process on the whole batch."""
+    env: dict = {}
+    exec(compile(SETUP, "setup", "exec"), env)
+    x, y = env["batch"]()
+    method = {"ddp_lora": "lora", "ddp_dora": "dora", "fsdp_lora": "lora"}.get(kind)
+    m = env["build"](method)
+    if kind == "layerwise_galore":
+        handle = rw.optim.layerwise(m, env["galore"], params=env["galore_groups"](m))
+        for _ in range(env["STEPS"]):
+            env["loss_of"](m, x, y).backward()
+        handle.remove()
+        return env["trainable"](m)
+    opt = env["galore"](env["galore_groups"](m)) if kind == "ddp_galore" else \
+        torch.optim.AdamW(env["trainable"](m).values(), lr=1e-2)
+    for _ in range(env["STEPS"]):
+        env["loss_of"](m, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return env["trainable"](m)
+
+
+@pytest.mark.parametrize("kind", ["ddp_lora", "ddp_dora", "fsdp_lora", "ddp_galore", "layerwise_galore"])
+def test_two_processes_train_like_one_on_the_whole_batch(distributed, kind):
+    _, results, _ = distributed
+    single = _single(kind)
+    got = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(kind + "/")}
+    assert set(got) == set(single) and got
+    for name, p in single.items():
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6, msg=f"{kind}: {name}")
+    if kind != "ddp_galore":
+        before = _single_untrained(kind)
+        assert any(not torch.equal(before[n], p) for n, p in single.items())  # it trained
+
+
+def _single_untrained(kind):
+    env: dict = {}
+    exec(compile(SETUP, "setup", "exec"), env)
+    method = {"ddp_lora": "lora", "ddp_dora": "dora", "fsdp_lora": "lora"}.get(kind)
+    return {k: v.detach().clone() for k, v in env["trainable"](env["build"](method)).items()}
+
+
+@pytest.mark.parametrize("kind", ["ddp_lora", "ddp_dora", "fsdp_lora"])
+def test_adapter_saved_from_a_distributed_run_is_complete(distributed, kind):
+    """FSDP2 gathers the shards (a rank's shard, or nothing, is the classic failure elsewhere)."""
+    tmp, results, _ = distributed
+    env: dict = {}
+    exec(compile(SETUP, "setup", "exec"), env)
+    loaded = rw.load(env["build"](), Path(tmp) / kind)
+    got = {k: v for k, v in loaded.named_parameters() if ".adapters." in k}
+    want = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(kind + "/")}
+    assert set(got) == set(want)
+    for name, p in got.items():
+        assert torch.equal(p.detach(), want[name]), name
+
+
+def test_layerwise_on_a_ddp_model_is_refused(distributed):
+    _, results, out = distributed
+    assert float(results["layerwise_ddp_refused"]) == 1.0
+    assert "DistributedDataParallel" in out and "model.module" in out
+
+
+def test_layerwise_refuses_ddp_in_one_process():
+    with pytest.raises(ConfigError, match="DistributedDataParallel.*model.module"):
+        rw.optim.layerwise(_FakeDDP(), lambda g: torch.optim.SGD(g, lr=0.1))
+
+
+class _FakeDDP(nn.parallel.DistributedDataParallel):
+    def __init__(self):  # no process group needed to test the refusal
+        nn.Module.__init__(self)
+        self.module = nn.Linear(2, 2)
