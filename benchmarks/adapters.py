@@ -189,7 +189,7 @@ def check_same_lora(models: dict, batch: dict, target: torch.Tensor) -> None:
         fr, fp = lora_factors(r), lora_factors(p)
         assert len(fr) == N_LINEAR, f"rankwise adapted {len(fr)} modules, expected {N_LINEAR}"
         assert set(fr) == set(fp), f"rankwise and PEFT adapt different modules: {sorted(set(fr) ^ set(fp))}"
-        assert rw.trainable_parameters(r) == rw.trainable_parameters(p), (rw.trainable_parameters(r), rw.trainable_parameters(p))
+        assert rw.parameter_count(r).trainable == rw.parameter_count(p).trainable, (rw.parameter_count(r).trainable, rw.parameter_count(p).trainable)
         copy_factors(r, p)
     # dropout 0: the same seed gives the same loss and the same LoRA gradients
     r, p = models["rankwise"], models["peft"]
@@ -223,7 +223,7 @@ def child_memory(config: str, batch_size: int, seq: int, steps: int) -> dict:
     del loss
     return {"config": config, "saved_bytes": saved.bytes, "saved_tensors": saved.count,
             "peak_bytes": peak.peak_bytes, "peak_total_bytes": peak.peak_total_bytes,
-            "peak_exact": peak.exact, "trainable": rw.trainable_parameters(model)}
+            "peak_exact": peak.exact, "trainable": rw.parameter_count(model).trainable}
 
 
 def measure_memory(configs, args) -> dict[str, dict]:
@@ -252,7 +252,7 @@ def run(args) -> str:
     print("  checks passed: same 36 modules, same weights, same loss and gradients (rankwise vs PEFT)", flush=True)
     steps = {c: make_step(models[c], c, batch, target)[1] for c in TRAIN}
     train_t = C.interleaved(steps, rounds=args.rounds, warmup=args.warmup)
-    params = {c: rw.trainable_parameters(models[c]) for c in TRAIN}
+    params = {c: rw.parameter_count(models[c]).trainable for c in TRAIN}
     del models, steps
     gc.collect()
     print("  training timed", flush=True)
@@ -397,7 +397,7 @@ def run_methods(args) -> str:
                 mem[k] = C.run_child(os.path.abspath(__file__), [
                     "--child-memory", f"{k}:{method}", "--batch", str(args.batch), "--seq", str(args.seq),
                     "--steps", str(args.mem_steps), "--threads", str(args.threads)])["peak_bytes"]
-        rows.append([method, rw.trainable_parameters(model), C.ms(C.median(t["rankwise"])),
+        rows.append([method, rw.parameter_count(model).trainable, C.ms(C.median(t["rankwise"])),
                      C.ratio(C.paired_ratio(t["rankwise"], t["lora"])),
                      C.ratio(C.paired_ratio(t["rankwise"], t["peft"])) if "peft" in t else "-",
                      C.ms(C.median(t["peft"])) if "peft" in t else "-",

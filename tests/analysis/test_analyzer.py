@@ -516,18 +516,18 @@ def test_cli_analyze_on_minilm_folder(tmp_path, single_thread):
     assert cname == "AutoModelForSequenceClassification"
     res = analyze(loaded)
     assert len(res.layers) == 37 and all(r["dW_rank"] == 8 for r in res.layers)
-    assert re.search(r"\| adapter +\| +37 \|", md)  # the summary row: 37 layers
+    assert re.search(r"\| layers +\| +37 +\|", md)  # the summary (a column per model): 37 layers
 
 
 def test_cli_analyze_out_that_is_a_file_is_refused_first(saved, tmp_path, monkeypatch):
     """Reliability case AN6: the whole analysis ran, then FileExistsError."""
     import rankwise.cli.analyze as cli_analyze
-    from rankwise.cli.main import main
+    from rankwise.cli.main import run  # the CLI with errors raised (main() prints them and exits 2)
 
     out = tmp_path / "report.txt"
     out.write_text("mine")
     monkeypatch.setattr(cli_analyze, "make_batches", lambda *a, **k: pytest.fail("the check must come first"))
     with pytest.raises(rw.errors.ConfigError, match=r"--out .*report\.txt is an existing file, not a folder"):
-        main(["analyze", "--base", str(saved / "base"), "--adapter", str(saved / "lora"), "--data",
-              str(saved / "data.csv"), "--out", str(out), "--no-progress"])
+        run(["analyze", "--base", str(saved / "base"), "--adapter", str(saved / "lora"), "--data",
+             str(saved / "data.csv"), "--out", str(out), "--no-progress"])
     assert out.read_text() == "mine"

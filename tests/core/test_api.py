@@ -182,9 +182,10 @@ def test_summary(two_adapters):
         assert set(r) == set(rows.columns)
         assert r["kind"] == "linear" and r["shape"] == "32x32" and r["method"] == "lora"
         assert r["params"] == r["rank"] * (32 + 32)
-    assert sum(r["params"] for r in rows) == rw.trainable_parameters(model)
+    # only the active adapter trains; the inactive one's rows still count what it trains when active
+    assert sum(r["params"] for r in rows if r["adapter"] == "b") == rw.parameter_count(model).trainable
     text = str(rows)
-    assert "module" in text and "8 adapted modules" in text and f"{rw.trainable_parameters(model):,}" in text
+    assert "module" in text and "8 adapted modules" in text and f"{sum(r['params'] for r in rows):,}" in text
 
 
 # ---- targets ------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_modules_to_save_trains_and_saves_head(bert, token_batch, tmp_path):
     rw.adapt(model, "lora", rank=2, targets=["query", "value"], modules_to_save=["classifier"], seed=0)
     lora = 4 * 2 * (32 + 32)
     head = 3 * 32 + 3
-    assert rw.trainable_parameters(model) == lora + head
+    assert rw.parameter_count(model).trainable == lora + head
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"classifier.copies.default.weight", "classifier.copies.default.bias"} <= trainable
     assert all("lora_" in n or n.startswith("classifier.copies.default.") for n in trainable)
@@ -278,23 +279,27 @@ def test_modules_to_save_trains_and_saves_head(bert, token_batch, tmp_path):
         assert torch.equal(p, base.get_parameter(re.sub(r"\.(?:base|original)\.", ".", n))), f"{n} changed"
 
     rw.save(model, tmp_path / "ad")
-    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad")
+    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad", trainable=True)  # to continue training
     fresh_copy = saved_module(fresh, "classifier", "default")
     assert torch.equal(fresh_copy.weight, head_copy.weight) and torch.equal(fresh_copy.bias, head_copy.bias)
     assert torch.equal(fresh.classifier.original.weight, base.classifier.weight)
     assert torch.equal(_logits(fresh, token_batch), _logits(model, token_batch))
     assert fresh_copy.weight.requires_grad and not fresh.classifier.original.weight.requires_grad
-    assert rw.trainable_parameters(fresh) == lora + head
+    assert rw.parameter_count(fresh).trainable == lora + head
 
 
 def test_second_adapter_keeps_first_heads_trainable(bert):
+    """Adding "b" makes it the only active adapter, so "a" (and its head) is frozen as PEFT's
+    set_adapter does; made active again, "a" and its head train again (not frozen like the base)."""
     model = rw.adapt(bert(), "lora", rank=2, targets=["query"], modules_to_save=["classifier"], name="a")
     rw.adapt(model, "lora", rank=2, targets=["value"], name="b")
-    assert saved_module(model, "classifier", "a").weight.requires_grad
+    a_params = lambda: [*saved_module(model, "classifier", "a").parameters(),  # noqa: E731
+                        *model.get_submodule("bert.encoder.layer.0.attention.self.query").adapters["a"].parameters()]
+    assert not any(p.requires_grad for p in a_params())
+    rw.set_active(model, "a")
+    assert all(p.requires_grad for p in a_params())
     assert not model.classifier.original.weight.requires_grad
     assert list(model.classifier.copies) == ["a"]  # "b" trains no head of its own
-    assert all(p.requires_grad for p in model.get_submodule(
-        "bert.encoder.layer.0.attention.self.query").adapters["a"].parameters())
     assert not model.bert.embeddings.word_embeddings.weight.requires_grad
 
 
@@ -341,12 +346,15 @@ def test_each_adapter_trains_its_own_head(bert, token_batch, adapter_params_of):
     assert head_a is not head_b and head_a.weight is not head_b.weight
     assert _same_state(head_a, _clone_state(base.classifier)) and _same_state(head_b, _clone_state(base.classifier))
     lora, head = 2 * 2 * 2 * (32 + 32), 3 * 32 + 3
-    assert rw.trainable_parameters(model) == lora + lora + head + head
+    assert rw.parameter_count(model).trainable == lora + head  # only the active adapter ("b") trains
+    rw.set_active(model, ["a", "b"])
+    assert rw.parameter_count(model).trainable == lora + lora + head + head
     original = _clone_state(base.classifier)
     labels = torch.tensor([0, 2])
 
     def train(name, steps=3):
         rw.set_active(model, name)
+        model.zero_grad(set_to_none=True)  # the other adapter is frozen now: its last .grad would stay
         assert model.classifier.current() is saved_module(model, "classifier", name)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         model.train()
@@ -474,7 +482,7 @@ def test_unadapt_merge_without_active_head_keeps_original(two_heads, token_batch
 def test_save_load_two_adapters_with_heads(two_heads, token_batch, tmp_path):
     base, model = two_heads
     rw.save(model, tmp_path / "ad")
-    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad")
+    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad", trainable=True)
     assert sorted(adapter_state(fresh)) == ["a", "b"]
     assert isinstance(fresh.classifier, TrainedCopies) and list(fresh.classifier.copies) == ["a", "b"]
     for name in ("a", "b"):
@@ -483,7 +491,8 @@ def test_save_load_two_adapters_with_heads(two_heads, token_batch, tmp_path):
         assert all(p.requires_grad for p in saved_module(fresh, "classifier", name).parameters())
     assert _same_state(fresh.classifier.original, _clone_state(base.classifier))
     assert not any(p.requires_grad for p in fresh.classifier.original.parameters())
-    assert rw.trainable_parameters(fresh) == rw.trainable_parameters(model)
+    rw.set_active(model, ["a", "b"])  # rw.load made both active (and trainable=True: both train)
+    assert rw.parameter_count(fresh).trainable == rw.parameter_count(model).trainable
     outs = {}
     for names in ("a", "b", ["a", "b"], ["b", "a"], None):
         rw.set_active(model, names)
@@ -536,16 +545,16 @@ def test_all_linear_plain_module_still_excludes_saved_last_layer():
 def test_trainable_parameters_counts_shared_once():
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, lin)
-    assert rw.trainable_parameters(model) == 20
+    assert rw.parameter_count(model).trainable == 20
     rw.adapt(model, "lora", rank=2, targets=["0"])
-    assert rw.trainable_parameters(model) == 2 * (4 + 4)
+    assert rw.parameter_count(model).trainable == 2 * (4 + 4)
 
 
 def test_save_load_several_adapters(two_adapters, bert, token_batch, tmp_path):
     base, model = two_adapters
     rw.set_active(model, ["a", "b"])
     rw.save(model, tmp_path / "ad")
-    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad")
+    fresh = rw.load(copy.deepcopy(base), tmp_path / "ad", trainable=True)
     assert sorted(adapter_state(fresh)) == ["a", "b"]
     assert rw.active_adapters(fresh) == ["a", "b"]
     assert torch.equal(_logits(fresh, token_batch), _logits(model, token_batch))

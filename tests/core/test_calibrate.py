@@ -194,7 +194,7 @@ def test_module_overrides_and_plan_hooks(bert):
     rw.adapt(model, "pissa", rank=2, targets=[Q, K, FC], module_overrides={K: None, FC: {"rank": 3}})
     assert not hasattr(model.get_submodule(K), "adapters")
     assert model.get_submodule(FC).adapters["default"].rank == 3
-    assert rw.trainable_parameters(model) == 2 * (32 + 32) + 3 * (32 + 64)
+    assert rw.parameter_count(model).trainable == 2 * (32 + 32) + 3 * (32 + 64)
     with pytest.raises(TargetError, match="does not target"):
         rw.adapt(bert(), "pissa", rank=2, targets=[Q], module_overrides={FC: {"rank": 3}})
     with pytest.raises(ConfigError, match="not options"):

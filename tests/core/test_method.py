@@ -219,7 +219,7 @@ def test_save_load_roundtrip(method, kind, seed, tmp_path):
     _perturb(head.parameters(), seed + 7)
     rw.save(model, tmp_path / "ad")
     fresh = copy.deepcopy(base)
-    rw.load(fresh, tmp_path / "ad")
+    rw.load(fresh, tmp_path / "ad", trainable=True)  # trainable as the saved model was (its own frozen tensors too)
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x)), "save → load must reproduce outputs bitwise (fp32)"

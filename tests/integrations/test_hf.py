@@ -44,7 +44,7 @@ def test_all_linear_on_minilm_matches_peft_and_weight_view(minilm, batch, tmp_pa
     model = rw.adapt(copy.deepcopy(minilm), "lora", rank=8, alpha=16, targets="all-linear", seed=0)
     # 6 layers × (query, key, value, attention.output, intermediate, output) + pooler
     assert len(rw.summary(model)) == 37
-    assert rw.trainable_parameters(model) == sum(8 * sum(layer.view.shape) for _, layer in adapted_layers(model))
+    assert rw.parameter_count(model).trainable == sum(8 * sum(layer.view.shape) for _, layer in adapted_layers(model))
     _randomize(model)
     with torch.no_grad():
         ours = model(**batch).last_hidden_state
@@ -112,3 +112,51 @@ def test_hub_ids_pass_the_path_check(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1"):
         check_model_path("gpt2")
+
+
+# ---- export_peft's task_type: AutoPeftModelFor* load the folder --------------------------------------
+@pytest.mark.parametrize("kind", ["causal", "seq_cls"])
+def test_auto_peft_model_loads_an_export(kind, llama, bert, token_batch, tmp_path):
+    """Oracle: PEFT's AutoPeftModelForCausalLM / ForSequenceClassification, loading the base from a
+    local save_pretrained folder named in base_model_name_or_path, gives the adapted model's logits."""
+    import peft
+
+    make, auto, task = ((llama, peft.AutoPeftModelForCausalLM, "CAUSAL_LM") if kind == "causal"
+                        else (bert, peft.AutoPeftModelForSequenceClassification, "SEQ_CLS"))
+    base_dir = tmp_path / "base"
+    make().save_pretrained(base_dir)
+    extra = {} if kind == "causal" else {"modules_to_save": ["classifier"]}
+    model = rw.adapt(make(), "lora", rank=2, targets="all-linear", seed=0, **extra)
+    _randomize(model)
+    if kind == "seq_cls":
+        torch.nn.init.normal_(rw.core.api.saved_module(model, "classifier", "default").weight, std=0.3)
+    rw.export_peft(model, tmp_path / "peft", base_model_name_or_path=str(base_dir))
+    cfg = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == task
+    loaded = auto.from_pretrained(tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**token_batch).logits, model.eval()(**token_batch).logits,
+                                   atol=1e-5, rtol=0)
+    # an explicit task_type wins; a bare encoder has none
+    rw.export_peft(model, tmp_path / "given", task_type="FEATURE_EXTRACTION")
+    assert __import__("json").loads((tmp_path / "given" / "adapter_config.json").read_text())["task_type"] == \
+        "FEATURE_EXTRACTION"
+
+
+def test_an_adapted_hf_model_pickles_and_deepcopies(tmp_path):
+    """The transformers adapter API installed on the instance must not break pickle (a bound method
+    stored in ``__dict__`` did: ``no attribute '_save_pretrained'``) and must follow copies."""
+    import pickle
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=50))
+    rw.adapt(model, "lora", rank=2, targets=["q_proj"], seed=0)
+    x = torch.randint(0, 50, (1, 5))
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert torch.equal(other(x).logits, model(x).logits)
+        assert other.active_adapters() == ["default"] and other.save_pretrained.model is other
+        other.save_pretrained(tmp_path / "again")  # rankwise's: the adapter, not the whole model
+        assert (tmp_path / "again" / "adapter" / "adapter_config.json").is_file()

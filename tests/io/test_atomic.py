@@ -135,7 +135,7 @@ def test_a_dangling_symlink_names_its_target(tmp_path):
 
 def test_finetune_out_with_the_users_files_is_refused_before_any_work(tmp_path):
     """W9: ``rankwise finetune --out D`` deleted D/adapter/README.txt and overwrote D/report.md."""
-    from rankwise.cli.main import main
+    from rankwise.cli.main import run  # the CLI with errors raised (main() prints them and exits 2)
 
     out = tmp_path / "run"
     (out / "adapter").mkdir(parents=True)
@@ -143,13 +143,13 @@ def test_finetune_out_with_the_users_files_is_refused_before_any_work(tmp_path):
     before = _tree(out)
     args = ["finetune", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.csv"), "--out", str(out)]
     with pytest.raises(OutputPathError, match=r"adapter folder .*adapter holds files rankwise did not write \(README.txt\)"):
-        main(args)
+        run(args)
     assert _tree(out) == before
 
     (out / "adapter" / "README.txt").unlink()
     (out / "report.md").write_text("# my own report\n")  # a name rankwise writes, but not a rankwise report
     with pytest.raises(OutputPathError, match=r"--out .*run is not a rankwise finetune --out rankwise wrote"):
-        main(args)
+        run(args)
     assert (out / "report.md").read_text() == "# my own report\n"
 
 

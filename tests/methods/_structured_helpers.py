@@ -192,7 +192,7 @@ def check_same_as_peft(case, request, token_batch):
     for ours, theirs, label in pairs:
         assert ours.grad is not None and ours.grad.abs().max() > 0, label
         torch.testing.assert_close(ours.grad, theirs.grad.reshape(ours.shape), atol=ATOL, rtol=1e-4, msg=label)
-    assert rw.trainable_parameters(model) == sum(p.numel() for p in _peft_adapter_params(pmodel, prefix))
+    assert rw.parameter_count(model).trainable == sum(p.numel() for p in _peft_adapter_params(pmodel, prefix))
 
 
 # ---- gradients of the activation view == gradients of the dense weight view --------------------------

@@ -124,7 +124,7 @@ def check_short_training(method, lr=1e-2, **kw):
 def check_param_count(method, m, n, expected, **kw):
     net = linear_net(m, n)
     ad = adapt_layer(net, method, **kw)
-    assert rw.trainable_parameters(net) == expected, (method, kw)
+    assert rw.parameter_count(net).trainable == expected, (method, kw)
     assert type(ad).num_params(net.layer.view, ad.config) == expected, (method, kw)
 
 

@@ -57,7 +57,7 @@ def test_bat_blocks_closed_form():
         for j in range(n // r):
             w_ij = w0[i * r:(i + 1) * r, j * r:(j + 1) * r]
             torch.testing.assert_close(dw[i * r:(i + 1) * r, j * r:(j + 1) * r], w_ij @ blocks[i] + blocks[i])
-    assert rw.trainable_parameters(model) == m * r
+    assert rw.parameter_count(model).trainable == m * r
 
 
 def test_share_closed_form_and_clamps():
@@ -70,7 +70,7 @@ def test_share_closed_form_and_clamps():
     for p in range(m):
         for q in range(n):
             assert dw[p, q] == b[q % r, p]
-    assert rw.trainable_parameters(model) == m * r
+    assert rw.parameter_count(model).trainable == m * r
     assert rw.adapt(linear(6, 9), "bone", rank=4, mode="bat", seed=0)[0].adapters["default"].rank == 3
     with pytest.raises(ConfigError, match="dropout"):
         rw.get_method("bone").Config(mode="bat", dropout=0.1)

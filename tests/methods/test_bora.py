@@ -26,7 +26,7 @@ def test_bora_matches_dense_formula_gradients_and_column_norms():
     layer = nn.Linear(7, 9).double()
     model = rw.adapt(net(layer), "bora", rank=3, alpha=4.0, targets=["0"], seed=0)
     ad = adapter(model, "0")
-    assert rw.trainable_parameters(model) == 3 * (7 + 9) + 9 + 7
+    assert rw.parameter_count(model).trainable == 3 * (7 + 9) + 9 + 7
     randomize(ad.parameters(), seed=8, std=0.5)
     with torch.no_grad():
         ad.m_row.abs_()

@@ -28,7 +28,7 @@ def test_compacter_is_a_sum_of_kronecker_products(shape):
         torch.testing.assert_close(net(x), F.linear(x, net[0].base.weight + dense, net[0].base.bias),
                                    atol=ATOL, rtol=ATOL)
     p, q = -(-n_out // 4), -(-n_in // 4)
-    assert rw.trainable_parameters(net) == 4 ** 3 + 4 * 2 * (p + q)
+    assert rw.parameter_count(net).trainable == 4 ** 3 + 4 * 2 * (p + q)
 
 
 def test_compacter_rules_shared_by_layers_of_every_shape(bert):
@@ -39,7 +39,7 @@ def test_compacter_rules_shared_by_layers_of_every_shape(bert):
     assert len(rules) == 1
     own = sum(4 * 1 * (-(-layer.view.out_features // 4) + -(-layer.view.in_features // 4))
               for layer in layers.values())
-    assert rw.trainable_parameters(model) == 4 ** 3 + own
+    assert rw.parameter_count(model).trainable == 4 ** 3 + own
 
 
 def test_compacter_registered_with_docs():

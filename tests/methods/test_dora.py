@@ -166,7 +166,7 @@ def test_dora_norm_follows_w0_changes():
 
 def test_dora_parameter_count_and_identity_at_init():
     model = rw.adapt(net(nn.Linear(10, 7)), "dora", rank=3, targets=["0"], seed=0)
-    assert rw.trainable_parameters(model) == 3 * (10 + 7) + 7  # r (in + out) + out
+    assert rw.parameter_count(model).trainable == 3 * (10 + 7) + 7  # r (in + out) + out
     x = torch.randn(2, 10)
     with torch.no_grad():
         assert torch.equal(model(x), model[0].base(x))

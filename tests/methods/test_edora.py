@@ -29,7 +29,7 @@ def test_edora_factors_are_truncated_svd_and_only_core_and_magnitude_train():
     # Eckart–Young: ‖W0 − B A‖_F² = Σ_{j>r} σ_j² (B A is the best rank-r approximation)
     torch.testing.assert_close(torch.linalg.norm(w - b @ a) ** 2, (s[4:] ** 2).sum(), atol=1e-4, rtol=1e-4)
     assert {n for n, p in ad.named_parameters()} == {"edora_R", "magnitude"}
-    assert rw.trainable_parameters(model) == 4 * 4 + 9  # r² + out
+    assert rw.parameter_count(model).trainable == 4 * 4 + 9  # r² + out
     assert ad.edora_R.abs().max() < 1e-4  # N(0, 1e-5²)
     torch.testing.assert_close(ad.magnitude, torch.linalg.norm(layer.weight, dim=1), atol=1e-6, rtol=1e-6)
 

@@ -48,18 +48,18 @@ def test_flora_conv2d_is_tucker_of_the_kernel_tensor():
         ref = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), layer.base.weight + dense, layer.base.bias, stride=2)
         torch.testing.assert_close(layer(x), ref, atol=ATOL, rtol=ATOL)
     n = rw.get_method("flora_tucker").num_params(layer.view, ad.config)
-    assert n == 3 * 3 * 2 * 2 + 6 * 3 + 5 * 3 + 3 * 2 + 2 * 2 == rw.trainable_parameters(net)
+    assert n == 3 * 3 * 2 * 2 + 6 * 3 + 5 * 3 + 3 * 2 + 2 * 2 == rw.parameter_count(net).trainable
 
 
 def test_flora_linear_counts_and_kernel_rank_default():
     lin = nn.Sequential(nn.Linear(10, 7))
     rw.adapt(lin, "flora_tucker", rank=4, targets=["0"], seed=0)
-    assert rw.trainable_parameters(lin) == 4 * 4 + 7 * 4 + 10 * 4
+    assert rw.parameter_count(lin).trainable == 4 * 4 + 7 * 4 + 10 * 4
     conv = nn.Sequential(nn.Conv1d(3, 4, 5))
     rw.adapt(conv, "flora_tucker", rank=8, targets=["0"], seed=0)  # ranks clamp to the modes: 4, 3, k=5
     ad = conv[0].adapters["default"]
     assert tuple(ad.flora_G.shape) == (4, 3, 5)
-    assert rw.trainable_parameters(conv) == 4 * 3 * 5 + 4 * 4 + 3 * 3 + 5 * 5
+    assert rw.parameter_count(conv).trainable == 4 * 3 * 5 + 4 * 4 + 3 * 3 + 5 * 5
 
 
 def test_flora_tucker_registered_with_docs():

@@ -60,7 +60,7 @@ def test_is_the_real_inverse_dft_of_the_sparse_spectrum():
         ref += c * torch.cos(2 * math.pi * (p * (i // n) / m + q * (i % n) / n))
     ref *= alpha / (m * n)
     torch.testing.assert_close(ad.delta_weight(), ref, atol=1e-12, rtol=1e-10)
-    assert rw.trainable_parameters(model) == k
+    assert rw.parameter_count(model).trainable == k
 
 
 def test_embedding_path_never_forms_the_vocabulary_matrix():
@@ -92,7 +92,7 @@ def test_entries_shared_across_layers_and_rebuilt_on_load(bert, tmp_path, token_
 
 def test_clamps_k_to_small_layers():
     model = rw.adapt(linear(3, 4), "fourierft", n_frequency=1000, seed=0)
-    assert model[0].adapters["default"].n_frequency == 12 == rw.trainable_parameters(model)
+    assert model[0].adapters["default"].n_frequency == 12 == rw.parameter_count(model).trainable
     with pytest.raises(ConfigError, match="n_frequency"):
         rw.get_method("fourierft").Config(n_frequency=0)
 

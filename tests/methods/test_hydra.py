@@ -28,7 +28,7 @@ def test_hydra_two_branches_literally():
         torch.testing.assert_close(layer(x), y, atol=ATOL, rtol=ATOL)
         dense = 0.7 * (ad.hydra_B_par @ ad.hydra_A_par + ad.hydra_B_seq @ ad.hydra_A_seq @ w0)
         torch.testing.assert_close(layer.delta_weight(), dense, atol=1e-6, rtol=0)
-    assert rw.trainable_parameters(model) == 2 * (6 + 3 * 5)
+    assert rw.parameter_count(model).trainable == 2 * (6 + 3 * 5)
     # its update reads W0: merge keeps the exact ΔW, unmerge restores W0
     rw.merge(model)
     torch.testing.assert_close(layer.base.weight, w0 + dense, atol=1e-6, rtol=0)

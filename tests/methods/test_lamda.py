@@ -28,7 +28,7 @@ def test_lamda_init_is_the_spectrum_of_w0():
     torch.testing.assert_close((vh[:4] @ ad.lamda_A.t()).abs(), torch.eye(4), atol=1e-4, rtol=0)
     assert torch.count_nonzero(ad.lamda_S) == 0
     assert "lamda_A" in dict(ad.named_buffers()) and not any("lamda_A" in n for n, _ in ad.named_parameters())
-    assert rw.trainable_parameters(net) == 4 * 4 + 10 * 4
+    assert rw.parameter_count(net).trainable == 4 * 4 + 10 * 4
     # randomized SVD on a layer where the sketch is narrower than the matrix: still the top subspace
     big = nn.Sequential(nn.Linear(200, 120))
     with torch.no_grad():  # a clear spectral gap after the top 3
@@ -63,20 +63,20 @@ def test_lamda_freezing_schedule(tmp_path):
         if frozen < 4:
             assert ad.lamda_B.requires_grad
     assert not ad.lamda_B.requires_grad, "fully frozen: B stops requiring gradients"
-    assert rw.trainable_parameters(net) == 4 * 4
+    assert rw.parameter_count(net).trainable == 4 * 4
     # saved and loaded with its frozen state
     rw.save(net, tmp_path / "ad")
     fresh = copy.deepcopy(base)
-    rw.load(fresh, tmp_path / "ad")
+    rw.load(fresh, tmp_path / "ad", trainable=True)
     with torch.no_grad():
         assert torch.equal(fresh(x), net(x))
-    assert rw.trainable_parameters(fresh) == 16 and not fresh[0].adapters["default"].lamda_B.requires_grad
+    assert rw.parameter_count(fresh).trainable == 16 and not fresh[0].adapters["default"].lamda_B.requires_grad
 
 
 def test_lamda_freeze_options():
     net = nn.Sequential(nn.Linear(9, 7))
     rw.adapt(net, "lamda", rank=3, freeze_steps=0, targets=["0"], seed=0)
-    assert rw.trainable_parameters(net) == 9 == rw.get_method("lamda").num_params(
+    assert rw.parameter_count(net).trainable == 9 == rw.get_method("lamda").num_params(
         net[0].view, adapter_state(net)["default"]["config"])
     net = nn.Sequential(nn.Linear(9, 7))
     rw.adapt(net, "lamda", rank=3, freeze_steps=3, freeze_order="smallest", targets=["0"], seed=0)
@@ -106,7 +106,7 @@ def test_train_runs_lamda_freezing():
     train(net, data, collate, loss_fn, cfg, progress=False)
     ad = net[0].adapters["default"]
     assert ad.frozen_columns() == 4 and not ad.lamda_B.requires_grad
-    assert rw.trainable_parameters(net) == 16
+    assert rw.parameter_count(net).trainable == 16
 
 
 def test_lamda_registered_with_docs():

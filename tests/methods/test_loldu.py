@@ -60,7 +60,7 @@ def test_train_scale_option_trains_sigma_too():
     net = linear_net(9, 14)
     w0 = net.layer.weight.detach().clone()
     ad = adapt_layer(net, "loldu", rank=4, alpha=2.0, train_scale=True)
-    assert rw.trainable_parameters(net) == 4 + 1
+    assert rw.parameter_count(net).trainable == 4 + 1
     assert torch.count_nonzero(net.layer.delta_weight()) == 0  # exactly W0 at init
     z = torch.linspace(-1.0, 2.0, 4, dtype=torch.float64)
     with torch.no_grad():

@@ -52,7 +52,7 @@ def test_lora_sb_init_is_the_best_rank_r_first_update(llama):
             ad = layer.adapters["default"]
             torch.testing.assert_close(ad.lora_B.T @ ad.lora_B, torch.eye(r), atol=1e-5, rtol=0)
             assert ad.lora_R.requires_grad and not ad.lora_B.requires_grad
-    assert rw.trainable_parameters(mine) == 4 * r * r
+    assert rw.parameter_count(mine).trainable == 4 * r * r
 
 
 def test_lora_sb_first_step_is_the_best_rank_r_full_ft_step(llama):

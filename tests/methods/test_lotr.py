@@ -62,9 +62,9 @@ def test_shared_parameters_are_one_object_counted_once(bert, method):
     assert len(params) == len({id(p) for p in params})
     per_layer = sum(p.numel() for layer in layers.values() for p in layer.adapters.parameters()
                     if id(p) not in shared_ids)
-    assert rw.trainable_parameters(model) == per_layer + sum(p.numel() for p in shared.parameters())
+    assert rw.parameter_count(model).trainable == per_layer + sum(p.numel() for p in shared.parameters())
     # rw.summary counts a shared tensor in one row only
-    assert sum(r["params"] for r in rw.summary(model)) == rw.trainable_parameters(model)
+    assert sum(r["params"] for r in rw.summary(model)) == rw.parameter_count(model).trainable
 
 
 def test_lotr_param_count_formula_many_layers(bert):
@@ -75,7 +75,7 @@ def test_lotr_param_count_formula_many_layers(bert):
         rw.adapt(model, "lotr", rank=r, targets=["query", "value"], share=share, seed=0)
         n_groups = len(groups)
         assert len(adapter_state(model)["default"]["shared"]) == n_groups
-        assert rw.trainable_parameters(model) == n_groups * r * (32 + 32) + 4 * r * r
+        assert rw.parameter_count(model).trainable == n_groups * r * (32 + 32) + 4 * r * r
     # all-linear on BERT: 7 layer types (q, k, v, attention out, intermediate, output, pooler);
     # 3 weight shapes (32x32, 64x32, 32x64)
     model = bert()
@@ -83,7 +83,7 @@ def test_lotr_param_count_formula_many_layers(bert):
     shapes = {"shape_32x32": (32, 32), "shape_64x32": (64, 32), "shape_32x64": (32, 64)}
     assert set(adapter_state(model)["default"]["shared"]) == set(shapes)
     n_layers = len(_layers(model))
-    assert rw.trainable_parameters(model) == sum(r * (o + i) for o, i in shapes.values()) + n_layers * r * r
+    assert rw.parameter_count(model).trainable == sum(r * (o + i) for o, i in shapes.values()) + n_layers * r * r
     model = bert()
     rw.adapt(model, "lotr", rank=r, seed=0)
     assert len(adapter_state(model)["default"]["shared"]) == 7
@@ -140,7 +140,7 @@ def test_shared_saved_once_and_relinked_on_load(bert, token_batch, tmp_path, met
     assert stored == sum(t.numel() for t in unique.values())
 
     fresh = copy.deepcopy(base)
-    rw.load(fresh, tmp_path / "ad")
+    rw.load(fresh, tmp_path / "ad", trainable=True)
     assert torch.equal(_logits(fresh, token_batch), _logits(model, token_batch))
     fresh_shared = adapter_state(fresh)["default"]["shared"]
     ids = {id(p) for p in fresh_shared.parameters()}
@@ -148,7 +148,7 @@ def test_shared_saved_once_and_relinked_on_load(bert, token_batch, tmp_path, met
         assert {id(p) for p in _shared_tensors(layer).parameters()} <= ids
     for k, t in fresh_shared.state_dict().items():
         assert torch.equal(t, shared_sd[k]), k
-    assert rw.trainable_parameters(fresh) == rw.trainable_parameters(model)
+    assert rw.parameter_count(fresh).trainable == rw.parameter_count(model).trainable
 
 
 def test_shared_file_mismatch_is_refused(bert, tmp_path):

@@ -79,7 +79,7 @@ def test_nlora_inttune_trains_the_core_only():
     torch.manual_seed(6)
     net = nn.Sequential(nn.Linear(8, 10), nn.Linear(10, 4))
     rw.adapt(net, "nlora", rank=2, inttune=True, targets=["0", "1"])
-    assert rw.trainable_parameters(net) == 2 * 2 * 2
+    assert rw.parameter_count(net).trainable == 2 * 2 * 2
     net(torch.randn(3, 8)).square().sum().backward()
     for layer in net.modules():
         if hasattr(layer, "adapters"):

@@ -63,7 +63,7 @@ def test_nola_parameter_count_is_shape_independent(bert):
     model = rw.adapt(bert(seed=0), "nola", rank=4, num_basis_A=10, num_basis_B=7, targets=["query", "dense"], seed=0)
     adapted = layers(model)
     assert len({(ly.view.out_features, ly.view.in_features) for ly in adapted.values()}) > 1
-    assert rw.trainable_parameters(model) == len(adapted) * (10 + 7)
+    assert rw.parameter_count(model).trainable == len(adapted) * (10 + 7)
     seeds = {int(ly.adapters["default"].bases.key) for ly in adapted.values()}
     assert len(seeds) == len(adapted), "each layer has its own seed (the paper's per-layer bases)"
 

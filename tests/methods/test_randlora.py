@@ -62,7 +62,7 @@ def test_randlora_update_is_full_rank(shape):
     ad = adapter(model, "0")
     d = min(shape)
     n = -(-d // 3)
-    assert rw.trainable_parameters(model) == 3 * n + n * d
+    assert rw.parameter_count(model).trainable == 3 * n + n * d
     assert not ad.delta_weight().any()  # λ = 0 at init
     randomize([ad.randlora_lambda, ad.randlora_gamma], seed=1)
     assert torch.linalg.matrix_rank(ad.delta_weight()) == d > 3  # full rank although each basis has rank 3

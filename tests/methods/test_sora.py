@@ -63,7 +63,7 @@ def test_sora_prune_shrinks_and_keeps_the_update(bert, token_batch, tmp_path):
             layers[n].adapters["default"].sora_gate.copy_(torch.tensor(g))
         deltas = {n: layer.delta_weight().clone() for n, layer in layers.items()}
     before = _logits(model.eval(), token_batch)
-    n_before = rw.trainable_parameters(model)
+    n_before = rw.parameter_count(model).trainable
 
     ranks = sora.prune(model, optimizer=opt)["default"]
     assert ranks[q0] == 2 and ranks["bert.encoder.layer.1.attention.self.value"] == 0
@@ -73,7 +73,7 @@ def test_sora_prune_shrinks_and_keeps_the_update(bert, token_batch, tmp_path):
     for n, layer in layers.items():
         torch.testing.assert_close(layer.delta_weight(), deltas[n], atol=1e-6, rtol=0)
     torch.testing.assert_close(_logits(model, token_batch), before, atol=ATOL, rtol=ATOL)
-    assert rw.trainable_parameters(model) == n_before - 2 * (32 + 32 + 1) - 4 * (32 + 32 + 1)
+    assert rw.parameter_count(model).trainable == n_before - 2 * (32 + 32 + 1) - 4 * (32 + 32 + 1)
     cfg = adapter_state(model)["default"]["config"]
     assert cfg.rank_pattern == {q0: 2, "bert.encoder.layer.1.attention.self.value": 0}
     for n, layer in layers.items():
@@ -90,10 +90,10 @@ def test_sora_prune_shrinks_and_keeps_the_update(bert, token_batch, tmp_path):
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert saved["adapters"]["default"]["config"]["rank_pattern"][q0] == 2
     fresh = copy.deepcopy(base)
-    rw.load(fresh, tmp_path / "ad")
+    rw.load(fresh, tmp_path / "ad", trainable=True)
     assert _layers(fresh)[q0].adapters["default"].rank == 2
     assert torch.equal(_logits(fresh, token_batch), _logits(model.eval(), token_batch))
-    assert rw.trainable_parameters(fresh) == rw.trainable_parameters(model)
+    assert rw.parameter_count(fresh).trainable == rw.parameter_count(model).trainable
 
 
 def test_sora_training_sparsifies_gates():

@@ -134,7 +134,7 @@ def test_regularizer_keeps_the_factors_orthonormal():
 def test_rank_is_clamped_to_the_layer():
     net = linear_net(4, 6)
     ad = adapt_layer(net, "sorsa", rank=50)
-    assert ad.rank == 4 and rw.trainable_parameters(net) == 4 * (4 + 6 + 1)
+    assert ad.rank == 4 and rw.parameter_count(net).trainable == 4 * (4 + 6 + 1)
 
 
 @pytest.mark.parametrize("m,n", [(12, 20), (20, 12), (16, 16)])

@@ -65,7 +65,7 @@ def test_vera_peft_file_holds_projections_once(gpt2, tmp_path):
 def test_vera_parameters_sharing_and_init(bert):
     model = rw.adapt(bert(seed=0), "vera", rank=16, d_initial=0.25, targets=["query", "intermediate.dense"], seed=0)
     adapted = layers(model)
-    assert rw.trainable_parameters(model) == sum(16 + layer.view.out_features for layer in adapted.values())
+    assert rw.parameter_count(model).trainable == sum(16 + layer.view.out_features for layer in adapted.values())
     shared = adapter_state(model)["default"]["shared"]
     assert tuple(shared.vera_A.shape) == (16, 32) and tuple(shared.vera_B.shape) == (64, 16)  # max in, max out
     for layer in adapted.values():

@@ -20,6 +20,7 @@ from torch import nn
 
 import rankwise.optim as ro
 from rankwise.optim import APOLLO, param_groups
+from rankwise.optim._common import RECIPE_TARGETS
 from rankwise.optim.projectors import KINDS
 
 LR, RANK = 1e-2, 4
@@ -114,7 +115,7 @@ def test_apollo_matches_apollo_torch(single_thread, mini, llama):
     assert _max_rel(got, ref) < 1e-9
     # the random projection is regenerated, not stored: state = 2 moments + one norm per matrix
     sb = ro.state_bytes(opt, model)
-    for name, p in ro.matrix_parameters(model):
+    for name, p in ro.matrix_parameters(model, targets=RECIPE_TARGETS):  # param_groups' default
         m, n = p.shape
         low = rank * n if m < n else m * rank
         assert sb[f"{name}.exp_avg"] + sb[f"{name}.exp_avg_sq"] == 2 * low * 8

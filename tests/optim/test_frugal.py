@@ -66,6 +66,7 @@ def test_frugal_full_rank_svd_has_no_residual_and_trains(single_thread, llama):
     torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
     torch.testing.assert_close(outs[1], outs[2], rtol=0, atol=0)
     losses, _, _ = _trajectory(llama,
-                               lambda m: ro.FRUGAL(ro.param_groups(m, rank=0.25, update_proj_gap=10), lr=1e-2),
+                               lambda m: ro.FRUGAL(ro.param_groups(m, rank=0.25, update_proj_gap=10, targets="all"),
+                                                   lr=1e-2),
                                steps=20)
     assert losses[-1] < losses[0] - 0.1

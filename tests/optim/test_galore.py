@@ -451,13 +451,13 @@ def test_layerwise_equals_normal_stepping_and_holds_fewer_gradients(kind, llama,
     per-parameter seeds), with at most about one parameter's gradient alive at a time."""
     ids = [torch.randint(1, 100, (2, 12), generator=_g(22 + i)) for i in range(4)]
     ref_model = llama(0).train()
-    ref = GaLoreAdamW(param_groups(ref_model, rank=8, update_proj_gap=2, projector=kind), lr=1e-2,
+    ref = GaLoreAdamW(param_groups(ref_model, rank=8, update_proj_gap=2, projector=kind, targets="all"), lr=1e-2,
                       weight_decay=0.1)
     ref_peak, ref_hooks = _grad_peak_recorder(ref_model)
     model = llama(0).train()
     peak, hooks = _grad_peak_recorder(model)  # registered first: runs before the layer-wise step
     handle = rw.optim.layerwise(model, lambda g: GaLoreAdamW(g, lr=1e-2, weight_decay=0.1),
-                                params=param_groups(model, rank=8, update_proj_gap=2, projector=kind))
+                                params=param_groups(model, rank=8, update_proj_gap=2, projector=kind, targets="all"))
     for x in ids:
         ref_model(input_ids=x, labels=x).loss.backward()
         ref.step()

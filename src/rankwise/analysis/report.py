@@ -88,6 +88,9 @@ def _focus_layer(a: Analysis) -> str:
     return max(a.layers, key=lambda r: (r["intruders"], -r["min_best_cos"]))["layer"]
 
 
+_STYLES = ("-", "--", ":", "-.")  # one per model, so a model drawn over another stays visible
+
+
 def _figures(analyses: dict[str, Analysis]) -> _Figures:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
@@ -105,8 +108,8 @@ def _figures(analyses: dict[str, Analysis]) -> _Figures:
         for j, (_, sp) in enumerate(a.spectra.items()):
             s = sp["dW"].double()
             if s.numel() and s[0] > 0:
-                ax1.semilogy(range(1, len(s) + 1), (s / s[0]).clamp_min(1e-8).numpy(), color=c, alpha=0.35,
-                             lw=0.8, label=nm if j == 0 else None)
+                ax1.semilogy(range(1, len(s) + 1), (s / s[0]).clamp_min(1e-8).numpy(), color=c, alpha=0.5,
+                             lw=0.8, ls=_STYLES[i % len(_STYLES)], label=nm if j == 0 else None)
     ax1.set_xlabel("index i")
     ax1.set_ylabel("σ_i(ΔW) / σ_1(ΔW)")
     ax1.set_title("spectra of the updates (one line per layer)", fontsize=9)
@@ -127,7 +130,8 @@ def _figures(analyses: dict[str, Analysis]) -> _Figures:
     fig, ax = plt.subplots(figsize=(10, 3.6))
     for i, (nm, a) in enumerate(analyses.items()):
         ys = [a.row(n)["dW_erank"] if any(r["layer"] == n for r in a.layers) else float("nan") for n in layers]
-        ax.plot(range(len(layers)), ys, marker="o", ms=3, lw=1, color=colors[i % len(colors)], label=nm)
+        ax.plot(range(len(layers)), ys, marker="os^D"[i % 4], ms=3, lw=1, ls=_STYLES[i % len(_STYLES)],
+                color=colors[i % len(colors)], label=nm)
     ax.set_yscale("log")
     ax.set_ylabel("effective rank of ΔW")
     _layer_axis(ax, layers)
@@ -203,13 +207,46 @@ def _figures(analyses: dict[str, Analysis]) -> _Figures:
     return figs
 
 
-def _summary_rows(analyses: dict[str, Analysis]) -> tuple[list[str], list[list]]:
+#: What each summary measure is (the report's glossary; layer columns are in ``analyzer.COLUMNS``).
+SUMMARY_COLUMNS = {
+    "model": "the analysed model: its folder (with the folder above it where needed to tell two apart)",
+    "method": "how it was fine-tuned: the adapter method ('(PEFT)': read from a PEFT adapter folder), or "
+              "'full' for a fully fine-tuned model",
+    "layers": "number of weight matrices analysed",
+    "relative weight change": "(Σ‖ΔW‖_F²)^½ / (Σ‖W0‖_F²)^½ over the analysed layers",
+    "mean ‖ΔW‖/‖W0‖": "mean over layers of rel_change",
+    "median rank ΔW": "median over layers of dW_rank",
+    "mean eff. rank ΔW": "mean over layers of dW_erank",
+    "intruders (total)": "sum over layers of intruders",
+    "layers with intruders": "number of layers with at least one intruder dimension",
+    "mean amplification": "mean over layers of amplification",
+    "mean alignment": "mean over layers of alignment",
+    "mean CKA": "mean over layers of cka",
+    "embedding CKA": "linear CKA of the pooled embeddings (masked mean of the last hidden state), base vs "
+                     "fine-tuned; 1: the same up to rotation and scale",
+    "RankMe base": "RankMe of the base model's pooled embeddings: exp of the entropy of their normalized "
+                   "singular values, an effective dimension (Garrido et al. 2023)",
+    "RankMe adapted": "RankMe of the fine-tuned model's pooled embeddings",
+    "NTK alignment base/adapted": "centered kernel alignment between the base and the fine-tuned model's "
+                                  "empirical tangent kernels on a batch; near 1: the kernel did not move (lazy)",
+    "NTK-label alignment base": "centered alignment of the base model's tangent kernel with the label kernel YYᵀ",
+    "NTK-label alignment adapted": "centered alignment of the fine-tuned model's tangent kernel with YYᵀ; "
+                                   "above the base's: features learned for the task",
+    "seconds": "time the analysis of this model took",
+}
+
+
+def _summary_rows(analyses: dict[str, Analysis], methods: dict[str, str] | None = None
+                  ) -> tuple[list[str], list[list]]:
+    """The summary with one column per model and one row per measure (so many measures and a few
+    models fit the page): the first row is each model's method when ``methods`` is given."""
     keys: list[str] = []
     for a in analyses.values():
         keys += [k for k in a.summary if k not in keys]
-    headers = ["model"] + keys + ["seconds"]
-    rows = [[nm] + [a.summary.get(k, float("nan")) for k in keys] + [round(a.seconds.get("total", 0.0), 2)]
-            for nm, a in analyses.items()]
+    headers = ["measure"] + list(analyses)
+    rows = [["method"] + [methods.get(nm, "-") for nm in analyses]] if methods else []
+    rows += [[k] + [a.summary.get(k, float("nan")) for a in analyses.values()] for k in keys]
+    rows.append(["seconds"] + [round(a.seconds.get("total", 0.0), 2) for a in analyses.values()])
     return headers, rows
 
 
@@ -218,32 +255,50 @@ def _layer_rows(a: Analysis) -> tuple[list[str], list[list]]:
     return cols, [[r.get(c, float("nan")) for c in cols] for r in a.layers]
 
 
-def _html_table(headers, rows) -> str:
+def _html_table(headers, rows, cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(
         f"<td class='{'num' if isinstance(v, (int, float)) and not isinstance(v, bool) else ''}'>"
         f"{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# every table fits the body (1100 px, inside a 1280 px window): headers wrap, long layer names break at dots
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;font-size:12px;margin:0.6em 0}
-th,td{border:1px solid #ccc;padding:2px 6px}th{background:#f3f3f3}td.num{text-align:right}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+padding:0 1em}
+table{border-collapse:collapse;font-size:12px;margin:0.6em 0;max-width:100%}
+th,td{border:1px solid #ccc;padding:2px 5px}th{background:#f3f3f3;font-weight:600;overflow-wrap:anywhere}
+td.num{text-align:right;white-space:nowrap}td{overflow-wrap:anywhere}
+table.summary td:first-child{white-space:nowrap}
 img{max-width:100%;border:1px solid #eee;margin:0.4em 0}code{background:#f6f6f6;padding:0 3px}
 details{margin:0.5em 0}summary{cursor:pointer;font-weight:600}.note{color:#555;font-size:13px}
 """
 
 
-def _legend() -> list[tuple[str, str]]:
-    return [(k, v) for k, v in COLUMNS.items() if k in TABLE_COLUMNS]
+def _legend(analyses: dict[str, Analysis], methods) -> list[tuple[str, str]]:
+    """A glossary entry for every row of the summary and every column of the layer tables."""
+    _, rows = _summary_rows(analyses, methods)
+    out = [(r[0], SUMMARY_COLUMNS.get(r[0], "")) for r in rows]
+    cols: list[str] = []
+    for a in analyses.values():
+        cols += [c for c in _layer_rows(a)[0] if c not in cols]
+    return out + [(c, COLUMNS.get(c, "")) for c in cols]
 
 
-def write_report(analyses, out, title: str = "rankwise analysis", notes: str = "") -> Path:
+def _tangent_note(a: Analysis) -> str:
+    n = (a.representations or {}).get("ntk_examples")
+    return f"Tangent kernels on {n} examples." if n else ""
+
+
+def write_report(analyses, out, title: str = "rankwise analysis", notes: str = "",
+                 methods: dict[str, str] | None = None) -> Path:
     """Write ``report.html``, ``report.md`` and the PNG plots into ``out``; return the HTML path.
 
     ``analyses``: one :class:`Analysis` or a dict ``{name: Analysis}`` (several fine-tunes of one base
-    are compared in every plot, plus the subspace similarity of their updates).
+    are compared in every plot, plus the subspace similarity of their updates). ``methods``: the
+    method of each name (``"lora"``, ``"full"`` …), shown as the summary's first row. The summary has
+    a column per model and a row per measure; a glossary explains every row and layer column.
     """
     if isinstance(analyses, Analysis):
         analyses = {analyses.name: analyses}
@@ -261,7 +316,8 @@ def write_report(analyses, out, title: str = "rankwise analysis", notes: str = "
     setting = (f"Intruder dimensions: top k={st['k']} left singular vectors of W whose best |cos| to every left "
                f"singular vector of W0 is below ε={st['eps']}. Amplification/alignment at r={st['r']}. "
                f"SVD of ΔW: {st['method']}. Comparison: {st['mode']}.")
-    sh, sr = _summary_rows(analyses)
+    sh, sr = _summary_rows(analyses, methods)
+    legend = _legend(analyses, methods)
 
     md = [f"# {title}", "", setting, ""]
     if notes:
@@ -269,13 +325,13 @@ def write_report(analyses, out, title: str = "rankwise analysis", notes: str = "
     md += ["## Summary", "", format_table(sr, sh, markdown=True), ""]
     for fname, alt in figs.alt.items():
         md += [f"![{alt}]({fname})", ""]
-    md += ["## Columns", ""] + [f"- `{k}`: {v}" for k, v in _legend()] + [""]
+    md += ["## Glossary", ""] + [f"- `{k}`: {v}" for k, v in legend] + [""]
     for nm, a in analyses.items():
         h, rows = _layer_rows(a)
-        md += [f"## Layers: {nm}", "", format_table(rows, h, markdown=True), ""]
-        if a.representations:
-            rep = {k: v for k, v in a.representations.items() if k != "cka"}
-            md += ["Representations: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in rep.items()), ""]
+        label = f"{nm} ({methods[nm]})" if methods and nm in methods else nm
+        md += [f"## Layers: {label}", "", format_table(rows, h, markdown=True), ""]
+        if _tangent_note(a):
+            md += [_tangent_note(a), ""]
     write_text(out / "report.md", "\n".join(md))
 
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -283,20 +339,19 @@ def write_report(analyses, out, title: str = "rankwise analysis", notes: str = "
              f"<p class='note'>{html.escape(setting)}</p>"]
     if notes:
         parts.append(f"<p class='note'>{html.escape(notes)}</p>")
-    parts += ["<h2>Summary</h2>", _html_table(sh, sr)]
+    parts += ["<h2>Summary</h2>", _html_table(sh, sr, "summary")]
     for fname, data in figs.png.items():
         b64 = base64.b64encode(data).decode("ascii")
         parts.append(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(figs.alt[fname])}'>"
                      f"<figcaption class='note'>{html.escape(figs.alt[fname])}</figcaption></figure>")
-    parts.append("<h2>Columns</h2><ul>" + "".join(
-        f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in _legend()) + "</ul>")
+    parts.append("<h2 id='glossary'>Glossary</h2><ul>" + "".join(
+        f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in legend) + "</ul>")
     for nm, a in analyses.items():
         h, rows = _layer_rows(a)
-        parts.append(f"<details open><summary>Layers: {html.escape(nm)}</summary>{_html_table(h, rows)}")
-        if a.representations:
-            rep = {k: v for k, v in a.representations.items() if k != "cka"}
-            parts.append("<p class='note'>Representations: " + html.escape(
-                ", ".join(f"{k} = {_fmt(v)}" for k, v in rep.items())) + "</p>")
+        label = f"{nm} ({methods[nm]})" if methods and nm in methods else nm
+        parts.append(f"<details open><summary>Layers: {html.escape(label)}</summary>{_html_table(h, rows, 'layers')}")
+        if _tangent_note(a):
+            parts.append(f"<p class='note'>{html.escape(_tangent_note(a))}</p>")
         parts.append("</details>")
     parts.append("</body></html>\n")
     write_text(out / "report.html", "\n".join(parts))

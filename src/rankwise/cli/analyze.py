@@ -3,11 +3,17 @@
     rankwise analyze --base <model> --adapter <dir> [--adapter <dir2>] [--data [file]] --out report/
     rankwise analyze --base <model> --finetuned <model> [--data [file]] --out report/
 
-``--adapter`` takes a rankwise adapter directory (``rw.save``) or a PEFT one (``rw.import_peft``);
+``--adapter`` takes a rankwise adapter directory (``rw.save``), a PEFT one (``rw.import_peft``; a
+classification head saved with it, ``modules_to_save``, sets the number of labels), or the --out
+folder of ``rankwise finetune`` (its ``adapter/``; the label names come from its ``labels.json``);
 the base model class (bare, sequence classifier, causal LM …) is the one whose module names the
 adapter uses, found on an empty (meta-device) skeleton before anything is loaded. ``--finetuned`` is
-a full model folder; the base is loaded with the same class, and layers the base checkpoint lacks
-(a new classification head) are left out. ``--data`` adds the representation measures, on a CSV/JSONL
+a full model folder (``save_pretrained``), or the --out folder of ``rankwise finetune --method full``
+(its ``model/``); the base is loaded with the same class, and layers the base checkpoint lacks (a new
+classification head) are left out. Every path is checked, and every adapter matched to a model class,
+before the first analysis starts. Each model is named by its folder (with the folder above it when
+needed to tell two apart, or when the name is a generic ``adapter`` / ``model`` / ``best``) and its
+method, which the report shows in its own column. ``--data`` adds the representation measures, on a CSV/JSONL
 file like ``rankwise finetune`` takes or, without a file, on Python standard library docstrings.
 """
 
@@ -49,17 +55,22 @@ def adapter_requirements(path: Path) -> tuple[list[str], dict[str, tuple]]:
     """Module names an adapter directory needs (tensor keys without their last one or two parts for
     PEFT files) and the weight shapes of the modules it saves fully (a classification head)."""
     if _is_peft(path):
-        from ..io.atomic import read_tensors
+        from ..io.atomic import read_json, read_tensors
         from ..io.peft import PREFIX
 
+        saved = read_json(path / "adapter_config.json", "is this a PEFT adapter directory?").get("modules_to_save")
+        saved = [saved] if isinstance(saved, str) else list(saved or [])
         tensors = read_tensors(path / "adapter_model.safetensors", "is this a PEFT adapter directory?")
         keys, heads = [], {}
         for key, t in tensors.items():
             k = key[len(PREFIX):] if key.startswith(PREFIX) else key
             k = re.sub(r"\.(?:modules_to_save\.[^.]+|original_module)\.", ".", k)
             keys.append(k)
-            if ".modules_to_save." in key and key.endswith(".weight"):
-                heads[k.rpartition(".")[0]] = tuple(t.shape)
+            module = k.rpartition(".")[0]
+            # PEFT files store a saved module as <module>.<param> (older ones with .modules_to_save.<name>.)
+            is_saved = ".modules_to_save." in key or any(module == m or module.endswith("." + m) for m in saved)
+            if is_saved and k.endswith(".weight"):
+                heads[module] = tuple(t.shape)
         return keys, heads
     from ..io.files import read
 
@@ -103,22 +114,87 @@ def choose_class(base: str, keys: list[str]):
                       f"(e.g. '{keys[0].rpartition('.')[0]}'); pass the base model the adapter was trained on.")
 
 
-def load_adapted(base: str, adapter: Path, seed: int = 0):
-    """(model with the adapter loaded and active, class name)."""
+def load_adapted(base: str, adapter: Path, seed: int = 0, plan=None):
+    """(model with the adapter loaded and active, class name). ``plan``: :func:`plan_adapter`'s result,
+    when the caller has it already. Label names come from a ``labels.json`` beside the adapter."""
     import rankwise as rw
 
-    keys, heads = adapter_requirements(adapter)
-    cname, cls = choose_class(base, keys)
+    from .finetune import read_labels
+
+    adapter = Path(adapter)
+    keys, heads = adapter_requirements(adapter) if plan is None else plan[:2]
+    cname, cls = choose_class(base, keys) if plan is None else plan[2:]
     kwargs = {}
-    if cname in _CLASSIFIERS and heads:
-        kwargs = {"num_labels": next(iter(heads.values()))[0], "ignore_mismatched_sizes": True}
+    id2label = read_labels(adapter)
+    if cname in _CLASSIFIERS and (heads or id2label):
+        n = next(iter(heads.values()))[0] if heads else len(id2label)
+        kwargs = {"num_labels": n, "ignore_mismatched_sizes": True}
     torch.manual_seed(seed)
     model = cls.from_pretrained(base, **kwargs)
+    if id2label and len(id2label) == getattr(model.config, "num_labels", None):
+        model.config.id2label, model.config.label2id = id2label, {v: k for k, v in id2label.items()}
     if _is_peft(adapter):
         rw.import_peft(model, adapter)
     else:
         rw.load(model, adapter)
     return model.eval(), cname
+
+
+def plan_adapter(base: str, adapter: Path) -> tuple:
+    """``(keys, heads, class name, class)`` of an adapter folder: read and matched, nothing loaded."""
+    keys, heads = adapter_requirements(adapter)
+    return (keys, heads, *choose_class(base, keys))
+
+
+def adapter_method(path: Path) -> str:
+    """The method an adapter folder holds: ``"lora"``, ``"lora+dora"`` (several adapters), or for a PEFT
+    folder its ``peft_type`` in lower case and ``(PEFT)``."""
+    from ..io.atomic import read_json
+
+    cfg = read_json(path / "adapter_config.json", "is this an adapter directory?")
+    if "peft_type" in cfg:
+        return f"{str(cfg['peft_type']).lower()} (PEFT)"
+    names = [str(info.get("method", "?")) for info in (cfg.get("adapters") or {}).values() if isinstance(info, dict)]
+    return "+".join(dict.fromkeys(names)) or "?"
+
+
+def resolve_adapter(path: str) -> Path:
+    """An ``--adapter`` value as an adapter folder: itself, or the ``adapter/`` of a finetune --out folder."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return p
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if not p.exists():
+        raise FileNotFoundError(f"--adapter {path}: no such folder; check the path.")
+    if (p / "config.json").is_file() or (p / "model" / "config.json").is_file():
+        raise ConfigError(f"--adapter {path} is a full model folder, not an adapter; pass it with --finetuned.")
+    if (p / "trainer_state.json").is_file():
+        raise ConfigError(f"--adapter {path} is a training checkpoint (for --resume); pass the adapter/ folder "
+                          f"beside it ({p.parent / 'adapter'}) or the --out folder of rankwise finetune.")
+    raise CorruptFileError(f"--adapter {path} has no adapter_config.json; pass a folder written by rw.save / "
+                           "rankwise finetune (or its --out folder), or a PEFT adapter folder.")
+
+
+def resolve_finetuned(path: str) -> str:
+    """A ``--finetuned`` value as a model folder: itself, or the ``model/`` of a finetune --out folder."""
+    from ..integrations.hf import check_model_path
+
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return str(p)
+    if (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    if (p / "trainer_state.json").is_file():
+        raise ConfigError(f"--finetuned {path} is a training checkpoint (trainable weights and optimizer state, no "
+                          "config.json), not a model folder; pass the --out folder of rankwise finetune --method full "
+                          f"(or its model/ folder: {p.parent / 'model'}).")
+    if (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file():
+        raise ConfigError(f"--finetuned {path} holds an adapter, not a full model; pass it with --adapter.")
+    if p.is_dir():
+        raise CorruptFileError(f"--finetuned {path} has no config.json; pass a save_pretrained model folder or the "
+                               "--out folder of rankwise finetune --method full.")
+    return check_model_path(path, "--finetuned")
 
 
 def load_finetuned_pair(base: str, finetuned: str):
@@ -163,10 +239,24 @@ def make_batches(base: str, data: str | None, text_col: str, label_col: str, max
     return batches, f"{len(ds)} examples from {where}, max {max_length} tokens"
 
 
-def _names(paths) -> list[str]:
+_GENERIC = {"adapter", "model", "best", "checkpoint", "final"}
+
+
+def display_names(paths) -> list[str]:
+    """Short, distinct names of folders: the last path component, with as many components above it as
+    it takes to tell them apart (and at least one above a generic name such as ``adapter``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    depth = [2 if len(ps) > 1 and ps[-1] in _GENERIC else 1 for ps in parts]
+    while True:
+        names = ["/".join(ps[-d:]) for ps, d in zip(parts, depth)]
+        grow = [i for i, n in enumerate(names) if depth[i] < len(parts[i])
+                and any(m == n and parts[j] != parts[i] for j, m in enumerate(names))]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
     out = []
-    for p in paths:
-        n = Path(p).name or str(p)
+    for n in names:  # identical paths given twice
         while n in out:
             n += "'"
         out.append(n)
@@ -183,11 +273,16 @@ def run_analyze(args) -> dict:
     from ..integrations.hf import check_model_path
 
     check_model_path(args.base, "--base")
-    for folder in args.finetuned or []:
-        check_model_path(folder, "--finetuned")
+    adapters = [resolve_adapter(p) for p in args.adapter or []]  # every input checked before minutes of work
+    finetuned = [resolve_finetuned(p) for p in args.finetuned or []]
     from .common import check_out
 
-    out = check_out(args.out, "analyze", ("report.md", "report.html", "*.png"))  # before minutes of analysis
+    out = check_out(args.out, "analyze", ("report.md", "report.html", "*.png"))
+    plans = [plan_adapter(args.base, p) for p in adapters]
+    for folder in finetuned:
+        _check_finetuned_config(folder)
+    methods = [adapter_method(p) for p in adapters] + ["full"] * len(finetuned)
+    names = display_names(adapters + [Path(f) for f in finetuned])
     batches, data_note = (None, "")
     if args.data is not None:
         batches, data_note = make_batches(args.base, args.data, args.text_col, args.label_col, args.max_examples,
@@ -195,19 +290,34 @@ def run_analyze(args) -> dict:
     opts = {"k": args.top_k, "eps": args.eps, "r": args.rank, "layers": args.layers, "seed": args.seed,
             "method": "randomized" if args.randomized else "auto", "progress": not args.no_progress}
     analyses, cache = {}, {}
-    for name, path in zip(_names(args.adapter or []), args.adapter or []):
-        model, cname = load_adapted(args.base, Path(path), seed=args.seed)
+    for name, path, plan in zip(names, adapters, plans):
+        model, cname = load_adapted(args.base, path, seed=args.seed, plan=plan)
         analyses[name] = analyze(model, None, batches, name=name, cache=cache, **opts)
         del model
-    for name, path in zip(_names(args.finetuned or []), args.finetuned or []):
+    for name, path in zip(names[len(adapters):], finetuned):
         base, ft, fresh = load_finetuned_pair(args.base, path)
         analyses[name] = analyze(base, ft, batches, name=name, cache=cache, exclude=fresh, **opts)
         del base, ft
-    notes = f"Base: {args.base}." + (f" Data: {data_note}." if data_note else " No data (weight measures only).")
-    report = write_report(analyses, out, title=f"rankwise analyze: {', '.join(analyses)}", notes=notes)
+    by_name = dict(zip(names, methods))
+    folders = dict(zip(names, [str(p) for p in adapters] + finetuned))
+    notes = (f"Base: {args.base}. Models: " + "; ".join(f"{n} = {by_name[n]} from {folders[n]}" for n in analyses)
+             + "." + (f" Data: {data_note}." if data_note else " No data (weight measures only)."))
+    report = write_report(analyses, out, title=f"rankwise analyze: {', '.join(analyses)}", notes=notes,
+                          methods=by_name)
     keys = ["layers", "relative weight change", "median rank ΔW", "mean eff. rank ΔW", "intruders (total)",
             "mean amplification"] + (["mean CKA", "RankMe base", "RankMe adapted"] if batches else [])
-    rows = [[nm] + [a.summary.get(k, float("nan")) for k in keys] for nm, a in analyses.items()]
-    print(format_table(rows, ["model"] + keys))
+    rows = [[nm, by_name[nm]] + [a.summary.get(k, float("nan")) for k in keys] for nm, a in analyses.items()]
+    print(format_table(rows, ["model", "method"] + keys))
     print(f"\nreport: {report}  (and {out / 'report.md'})")
     return {nm: a.summary for nm, a in analyses.items()}
+
+
+def _check_finetuned_config(folder: str) -> None:
+    """The folder's config.json loads (a model type transformers knows), before any analysis."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"--finetuned {folder}: its config.json does not load ({' '.join(str(e).split())[:200]}); "
+                          "pass a folder written by save_pretrained or rankwise finetune --method full.") from None

@@ -6,13 +6,22 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ..core.api import adapt, trainable_parameters
+from ..core.api import adapt, parameter_count
 from ..core.registry import get_method
 from ..utils.memory import PeakRSS, release_free_memory, saved_activation_bytes
 from ..utils.table import format_table
 
 FULL = "full"
 DEMO_RANK = 8  # rank of methods that have one and no demo default of their own
+
+
+def trainable_count(model) -> int:
+    """Number of trainable parameter values (each shared tensor once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
 
 
 def method_options(method: str, rank: int | None = None, **overrides) -> dict:
@@ -95,7 +104,7 @@ def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, 
     row = {
         "method": method,
         "rank": options.get("rank", "-") if method != FULL else "-",
-        "trainable params": trainable_parameters(model),
+        "trainable params": parameter_count(model).trainable,
         "accuracy": round(acc, 4),
         "final loss": round(sum(result.losses[-10:]) / max(1, len(result.losses[-10:])), 4),
         "wall time (s)": round(wall, 1),
@@ -106,11 +115,27 @@ def run_one(method, make_model, options, task, train_enc, valid_enc, cfg, head, 
     return row, result, model
 
 
-def check_out(out, command: str, names: tuple[str, ...], adapters: tuple[str, ...] = ()) -> Path:
+#: What a save_pretrained model folder (weights, config, tokenizer files) may hold before it is replaced.
+MODEL_NAMES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+
+
+def is_model_dir(path: Path) -> bool:
+    """A Hugging Face model folder: ``config.json`` holds a JSON object."""
+    import json
+
+    try:
+        return isinstance(json.loads((Path(path) / "config.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def check_out(out, command: str, names: tuple[str, ...], adapters: tuple[str, ...] = (),
+              models: tuple[str, ...] = ()) -> Path:
     """Check ``--out`` before any work: a folder that is new, empty, or an earlier output of a rankwise
     command holding only what ``command`` writes (``names``, fnmatch patterns); the adapter folders
-    ``adapters`` under it and its ``checkpoint/`` must be replaceable too. Raises
-    :class:`~rankwise.errors.OutputPathError` (nothing written) otherwise."""
+    ``adapters`` and model folders ``models`` (``save_pretrained``) under it and its ``checkpoint/``
+    must be replaceable too. A folder named in both ``adapters`` and ``models`` (``best/``) may be
+    either. Raises :class:`~rankwise.errors.OutputPathError` (nothing written) otherwise."""
     from ..io.atomic import ADAPTER_NAMES, check_output_dir, is_adapter_dir
     from ..train import CHECKPOINT_NAMES, has_checkpoint
 
@@ -121,10 +146,15 @@ def check_out(out, command: str, names: tuple[str, ...], adapters: tuple[str, ..
                     return True
         except OSError:
             pass
-        return has_checkpoint(folder / "checkpoint") or any(is_adapter_dir(folder / a) for a in adapters)
+        return (has_checkpoint(folder / "checkpoint") or any(is_adapter_dir(folder / a) for a in adapters)
+                or any(is_model_dir(folder / m) for m in models))
 
-    for sub in adapters:  # the folders first: their message names the user's file
-        check_output_dir(Path(out) / sub, ADAPTER_NAMES, f"rankwise {command} --out: adapter folder", is_adapter_dir)
+    for sub in dict.fromkeys(adapters + models):  # the folders first: their message names the user's file
+        kinds = [(ADAPTER_NAMES, is_adapter_dir, "adapter")] if sub in adapters else []
+        kinds += [(MODEL_NAMES, is_model_dir, "model")] if sub in models else []
+        allowed = tuple(n for k in kinds for n in k[0])
+        what = f"rankwise {command} --out: {' or '.join(k[2] for k in kinds)} folder"
+        check_output_dir(Path(out) / sub, allowed, what, lambda d, ks=kinds: any(k[1](d) for k in ks))
     if "checkpoint" in names:
         check_output_dir(Path(out) / "checkpoint", CHECKPOINT_NAMES, f"rankwise {command} --out: checkpoint folder",
                          lambda d: (d / "trainer_state.json").is_file())
@@ -132,9 +162,27 @@ def check_out(out, command: str, names: tuple[str, ...], adapters: tuple[str, ..
     return Path(out)
 
 
+EMA_DECAY = 0.9
+
+
+def ema(values: list[float], decay: float = EMA_DECAY) -> list[float]:
+    """Exponential moving average ``m_1 = v_1``, ``m_t = decay · m_{t-1} + (1 - decay) · v_t``."""
+    out, m = [], None
+    for v in values:
+        m = v if m is None else decay * m + (1 - decay) * v
+        out.append(m)
+    return out
+
+
 def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list[float]], notes: str,
-                 md_name: str = "report.md", png_name: str = "loss_curves.png") -> Path:
-    """``md_name`` (a table, the plot, notes) + ``png_name`` (loss curves) in ``out`` (atomic writes)."""
+                 md_name: str = "report.md", png_name: str = "loss_curves.png",
+                 evals: dict[str, list[tuple[int, dict]]] | None = None) -> Path:
+    """``md_name`` (a table, the plot, notes) + ``png_name`` (loss curves) in ``out`` (atomic writes).
+
+    Each curve is drawn as its EMA (:func:`ema`, decay 0.9); with at most 3 curves the per-step loss
+    is drawn too, faint, in the same color. ``evals`` (``{name: [(step, {"loss": …, "accuracy": …})]}``,
+    as :class:`~rankwise.train.TrainResult` holds them) adds the validation points: the loss on the
+    loss axis, the accuracy on a second axis at the right."""
     from ..io.atomic import atomic_path, write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -144,25 +192,41 @@ def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evals = evals or {}
     many = len(curves) > 10  # 20 colors x 2 line styles, legend beside the axes
+    raw = len(curves) <= 3
     cols = 1 + (len(curves) - 1) // 24 if many else 1
     fig, ax = plt.subplots(figsize=(7 + 1.6 * cols if many else 7, 4.5 if many else 4))
-    colors = plt.get_cmap("tab20").colors if many else [None] * len(curves)
+    colors = plt.get_cmap("tab20").colors if many else [f"C{i % 10}" for i in range(len(curves))]
+    acc_ax = None
     for i, (name, losses) in enumerate(curves.items()):
-        ema, sm = [], None
-        for v in losses:
-            sm = v if sm is None else 0.9 * sm + 0.1 * v
-            ema.append(sm)
-        style = {"color": colors[i % 20], "linestyle": ("-", "--")[(i // 20) % 2]} if many else {}
-        ax.plot(range(1, len(ema) + 1), ema, label=name, linewidth=1.3, **style)
+        style = {"color": colors[i % 20], "linestyle": ("-", "--")[(i // 20) % 2]} if many else {"color": colors[i]}
+        steps = range(1, len(losses) + 1)
+        if raw:
+            ax.plot(steps, losses, lw=0.7, alpha=0.35, label=f"{name}: loss per step", **style)
+        ax.plot(steps, ema(losses), label=f"{name}: EMA {EMA_DECAY}" if raw else name, linewidth=1.3, **style)
+        points = [(s, m) for s, m in evals.get(name, []) if m]
+        vl = [(s, m["loss"]) for s, m in points if "loss" in m]
+        if vl:
+            ax.plot(*zip(*vl), marker="o", ms=5, ls="none", label=f"{name}: validation loss", **style)
+        va = [(s, m["accuracy"]) for s, m in points if "accuracy" in m]
+        if va:
+            acc_ax = acc_ax or ax.twinx()
+            acc_ax.plot(*zip(*va), marker="s", ms=4, ls=":", lw=0.9, label=f"{name}: validation accuracy", **style)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (EMA 0.9)")
+    ax.set_ylabel("loss (training: per step and EMA 0.9)" if raw else "training loss (EMA 0.9)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if acc_ax is not None:
+        acc_ax.set_ylabel("validation accuracy")
+        acc_ax.set_ylim(0, 1.02)
+        h2, l2 = acc_ax.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
     if many:
         ax.legend(fontsize=7, ncol=cols, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     else:
-        ax.legend(fontsize=8)
+        ax.legend(handles, labels, fontsize=7, loc="upper right")
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

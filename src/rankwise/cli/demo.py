@@ -14,7 +14,6 @@ head is trained fully with every method (``modules_to_save``).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 

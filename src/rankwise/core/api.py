@@ -1,10 +1,13 @@
-"""The public adapter API: adapt, set_active, delete, merge, unmerge, unadapt, summary."""
+"""The public adapter API: adapt, set_active, disabled, delete, merge, unmerge, unadapt, summary,
+parameter counts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -52,7 +55,9 @@ def make_config(method_or_config, **hyper) -> AdapterConfig:
 
 
 def adapter_state(model: nn.Module) -> dict:
-    return model.__dict__.setdefault(STATE_ATTR, {})
+    from .distributed import unwrap  # a DDP wrapper: the records live on the model inside
+
+    return unwrap(model).__dict__.setdefault(STATE_ATTR, {})
 
 
 def adapted_layers(model: nn.Module) -> Iterable[tuple[str, AdaptedLayer]]:
@@ -259,6 +264,13 @@ def adapt(
         m = model.get_submodule(tname)
         view = m.view if isinstance(m, AdaptedLayer) else LayerView(m, tname)
         view.check_supported(cls.name, cls.kinds)
+        if view.quantization is not None and "grad" in cls.calibration_needs:
+            raise UnsupportedLayerError(
+                f"method '{cls.name}' initializes from the gradient of each target weight, but module '{tname}' "
+                f"is a bitsandbytes {view.quantization} layer ({view.out_features}x{view.in_features}), whose packed "
+                "weight has no gradient. Use a method that needs no gradient (lora, pissa, dora, eva …), or "
+                "initialize on the unquantized model and rw.load the adapter onto the quantized one."
+            )
         found.append((tname, m, view))
     # data-driven inits (core/calibrate.py): collect what the method needs, then its per-module plan
     calib = calibrate.prepare(model, cls, config, {t: v for t, _, v in found}, calibration, loss_fn)
@@ -302,7 +314,23 @@ def adapt(
     state[name] = {"config": config, "modules": targets, "modules_to_save": save_mods, "shared": shared,
                    "overrides": {t: dict(ov) for t, ov in overrides.items() if ov}}
     set_active(model, name)
+    if _is_hf_model(model):  # model.save_pretrained / set_adapter / disable_adapters … act on these adapters
+        from ..integrations.hf import install_hf_methods
+
+        install_hf_methods(model)
     return model
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(model).__mro__)
+
+
+def _forget_hf_methods(model: nn.Module) -> None:
+    if _is_hf_model(model) and not adapter_state(model):
+        from ..integrations.hf import uninstall_hf_methods
+
+        uninstall_hf_methods(model)
 
 
 def _module_overrides(cls, config, found, calib, given, generator=None) -> dict[str, dict | None]:
@@ -362,11 +390,56 @@ def _names(model, names) -> list[str]:
     return names
 
 
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Every parameter adapter ``name`` owns: its layers' adapters, its ``modules_to_save`` copies and
+    the tensors it shares between layers (each once, in a fixed order)."""
+    entry = adapter_state(model)[name]
+    mods = [layer.adapters[name] for _, layer in adapted_layers(model) if name in layer.adapters]
+    mods += [tc.copies[name] for _, tc in trained_copies(model) if name in tc.copies]
+    if isinstance(entry.get("shared"), nn.Module):
+        mods.append(entry["shared"])
+    out, seen = [], set()
+    for m in mods:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _park(model: nn.Module, name: str) -> None:
+    """Freeze inactive adapter ``name``, keeping its own trainable flags (a method may have frozen some
+    of its tensors itself, e.g. LaMDA's columns) to give back when it is active again."""
+    entry = adapter_state(model)[name]
+    params = adapter_parameters(model, name)
+    if entry.get("parked") is None:
+        entry["parked"] = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+
+
+def _unpark(model: nn.Module, name: str) -> None:
+    entry = adapter_state(model)[name]
+    flags = entry.pop("parked", None)
+    if flags is None:
+        return
+    params = adapter_parameters(model, name)
+    if len(flags) != len(params):  # the adapter changed shape while inactive: every tensor trains again
+        flags = [True] * len(params)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+
 def set_active(model: nn.Module, names) -> None:
     """Make ``names`` (a name, a list, or ``None`` for none) the active adapters everywhere.
 
     A merged adapter that becomes inactive is unmerged first, so the output never holds an
     inactive adapter (``None`` gives the base model's output).
+
+    Only active adapters train, as after PEFT's ``set_adapter``: an adapter that becomes inactive
+    is frozen (``requires_grad=False``), and one that becomes active again gets back the trainable
+    flags it had (an adapter loaded with ``rw.load(..., trainable=False)`` stays frozen; PEFT's
+    ``set_adapter`` would unfreeze it — use ``rw.load(..., trainable=True)`` to train a loaded one).
     """
     names = _names(model, names)
     for _, layer in adapted_layers(model):
@@ -374,21 +447,50 @@ def set_active(model: nn.Module, names) -> None:
         layer.active = [n for n in names if n in layer.adapters]
     for _, tc in trained_copies(model):
         tc.active = next((n for n in names if n in tc.copies), None)
+    for n in adapter_state(model):
+        if n in names:
+            _unpark(model, n)
+        else:
+            _park(model, n)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """``with rw.disabled(model):`` runs the base model — no adapter acts, ``modules_to_save`` give
+    their original module — and puts everything back on exit, also after an exception (PEFT's
+    ``model.disable_adapter()``). Merged adapters are unmerged inside and merged again after;
+    trainable flags are not changed."""
+    snap = snapshot(model)
+    try:
+        for _, layer in adapted_layers(model):
+            layer.unmerge()
+            layer.active = []
+        for _, tc in trained_copies(model):
+            tc.active = None
+        yield model
+    finally:
+        restore(model, snap)
 
 
 def snapshot(model: nn.Module):
     """Trainable flags and active adapters of ``model``, for :func:`restore` after a failed change."""
     return ([(p, p.requires_grad) for p in model.parameters()],
             {name: (list(layer.active), list(layer.merged)) for name, layer in adapted_layers(model)},
-            {name: tc.active for name, tc in trained_copies(model)})
+            {name: tc.active for name, tc in trained_copies(model)},
+            {name: entry.get("parked") for name, entry in adapter_state(model).items()})
 
 
 def restore(model: nn.Module, snap) -> None:
-    flags, layers, heads = snap
+    flags, layers, heads, parked = snap
     for name, tc in trained_copies(model):
         tc.active = heads.get(name)
     for p, flag in flags:
         p.requires_grad_(flag)
+    for name, entry in adapter_state(model).items():
+        if parked.get(name) is None:
+            entry.pop("parked", None)
+        else:
+            entry["parked"] = parked[name]
     for name, layer in adapted_layers(model):
         if name in layers:
             active, merged = layers[name]
@@ -420,6 +522,7 @@ def delete(model: nn.Module, name: str) -> None:
             if not tc.copies:
                 _set_module(model, mname, tc.original)
     del adapter_state(model)[name]
+    _forget_hf_methods(model)
 
 
 def _check_untied(model: nn.Module, layers) -> None:
@@ -439,12 +542,25 @@ def _check_untied(model: nn.Module, layers) -> None:
             )
 
 
+def _check_dense(layers) -> None:
+    """Refuse to merge into a bitsandbytes-quantized base: its packed weight cannot take ΔW."""
+    for lname, layer in layers:
+        if layer.view.quantization is not None:
+            raise ConfigError(
+                f"module '{lname}' is a bitsandbytes {layer.view.quantization} layer; its packed weight cannot "
+                "hold a merged adapter (and re-quantizing W0 + ΔW would change it). Keep the adapter unmerged, or "
+                "rw.save it and rw.load it onto the unquantized base model, and merge there."
+            )
+
+
 def merge(model: nn.Module, names=None) -> None:
     """Fold the active adapters (or ``names``, which become active) into the base weights."""
     names = _names(model, names) if names is not None else None
     todo = []
     for lname, layer in adapted_layers(model):
         todo.append((lname, layer, None if names is None else [n for n in names if n in layer.adapters]))
+    _check_dense([(lname, layer) for lname, layer, ns in todo
+                  if any(n not in layer.merged for n in (layer.active if ns is None else ns))])
     _check_untied(model, [(lname, layer) for lname, layer, ns in todo
                           if any(n not in layer.merged for n in (layer.active if ns is None else ns))])
     for _, layer, ns in todo:
@@ -471,8 +587,9 @@ def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
     is made trainable again, as in a freshly built model.
     """
     if merge:
-        _check_untied(model, [(n, layer) for n, layer in adapted_layers(model)
-                              if any(a not in layer.merged for a in layer.active)])
+        pending = [(n, layer) for n, layer in adapted_layers(model) if any(a not in layer.merged for a in layer.active)]
+        _check_dense(pending)
+        _check_untied(model, pending)
     for lname, layer in list(adapted_layers(model)):
         if merge:
             layer.merge()
@@ -482,19 +599,58 @@ def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
     for mname, tc in list(trained_copies(model)):
         _set_module(model, mname, tc.current() if merge else tc.original)
     model.__dict__.pop(STATE_ATTR, None)
+    _forget_hf_methods(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameters that require gradients (shared tensors counted once)."""
-    seen, total = set(), 0
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require gradients (each shared tensor once), ready for an optimizer:
+    ``torch.optim.AdamW(rw.trainable_parameters(model), lr=...)``. Their number is
+    :func:`parameter_count`'s ``trainable``."""
+    seen, out = set(), []
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
-    return total
+            out.append(p)
+    return out
+
+
+def _numel(p: torch.Tensor) -> int:
+    """Number of weights a parameter holds: a bitsandbytes 4-bit weight packs two (or, in a wider
+    storage dtype, ``2·itemsize``) per stored element, as PEFT counts them."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
+class ParameterCount(NamedTuple):
+    """``(trainable, total, percent)``; prints as PEFT's ``print_trainable_parameters`` line."""
+
+    trainable: int
+    total: int
+    percent: float
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
+
+
+def parameter_count(model: nn.Module) -> ParameterCount:
+    """Trainable and total parameters of ``model`` (adapters, base and ``modules_to_save`` copies;
+    each shared tensor once; 4-bit weights counted unpacked) — PEFT's ``get_nb_trainable_parameters``."""
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        n = _numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return ParameterCount(trainable, total, 100.0 * trainable / total if total else 0.0)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's line)."""
+    print(parameter_count(model))
 
 
 class Summary(list):
@@ -511,13 +667,20 @@ class Summary(list):
 
 
 def summary(model: nn.Module) -> Summary:
-    """One row per (module, adapter); a tensor shared between layers counts in the first row only."""
+    """One row per (module, adapter); a tensor shared between layers counts in the first row only.
+    ``params`` counts the tensors the adapter trains while active (also while it is inactive)."""
     rows = Summary()
     seen: set[int] = set()
+    parked = set()  # an inactive adapter's tensors count as they train when it is active
+    for aname, entry in adapter_state(model).items():
+        if entry.get("parked") is not None:
+            params = adapter_parameters(model, aname)
+            if len(params) == len(entry["parked"]):
+                parked |= {id(p) for p, flag in zip(params, entry["parked"]) if flag}
     for lname, layer in adapted_layers(model):
         for aname, ad in layer.adapters.items():
             cfg = ad.config
-            own = [p for p in ad.parameters() if p.requires_grad and id(p) not in seen]
+            own = [p for p in ad.parameters() if (p.requires_grad or id(p) in parked) and id(p) not in seen]
             seen.update(id(p) for p in own)
             rows.append({
                 "module": lname,

@@ -17,6 +17,15 @@ embedding  ``nn.Embedding``       ``weight.T``         ``num_embeddings``
 and ``apply_out(h, B)`` maps the ``r`` channels to ``out`` (a 1×1 map on the channel
 axis). So ``apply_out(apply_in(x, A), B) == functional(x, B @ A) - bias``, which is how
 low-rank methods stay cheap on every kind.
+
+bitsandbytes-quantized linears (QLoRA bases: ``bnb.nn.Linear4bit`` — nf4 / fp4 — and
+``bnb.nn.Linear8bitLt`` with int8 weights) are kind ``linear``: ``in``/``out`` come from the
+layer's ``in_features``/``out_features``, never from the packed storage (a 4-bit ``64×32``
+weight is stored as ``1024×1`` bytes); the activation view runs the quantized layer itself, and
+:meth:`LayerView.weight2d` returns the dequantized ``W0`` (``bnb.functional.dequantize_4bit``;
+int8: ``CB · SCB / 127``, ``bnb.functional.int8_vectorwise_dequant``) on the weight's device, in
+the layer's compute dtype — what PEFT's ``dequantize_bnb_weight`` computes. bitsandbytes is not
+imported unless such a layer is met.
 """
 
 from __future__ import annotations
@@ -28,6 +37,53 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedLayerError
 
 KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d", "embedding")
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """``"4bit"`` / ``"8bit"`` for a bitsandbytes ``Linear4bit`` (and its ``LinearNF4``/``LinearFP4``)
+    or ``Linear8bitLt``, else ``None`` (matched by class, so bitsandbytes need not be imported)."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("bitsandbytes"):
+            if cls.__name__ == "Linear4bit":
+                return "4bit"
+            if cls.__name__ == "Linear8bitLt":
+                return "8bit"
+    return None
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The dense ``(out, in)`` weight of a bitsandbytes linear, on its device, in its compute dtype
+    (4-bit: ``compute_dtype``, else the dtype it was quantized from; 8-bit: float32). A weight not
+    quantized yet (bitsandbytes quantizes when the layer is moved to its device) is returned as is."""
+    import bitsandbytes.functional as bnbf
+
+    w = module.weight
+    quant = quantization_of(module)
+    if quant == "4bit":
+        state = getattr(w, "quant_state", None)
+        if state is None:  # not quantized yet: still the float weight
+            return w
+        dtype = getattr(module, "compute_dtype", None) or state.dtype
+        return bnbf.dequantize_4bit(w.data, state).to(dtype)
+    if w.dtype != torch.int8:  # has_fp16_weights=True, or not quantized yet
+        return w
+    scb = getattr(w, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    if scb is None:
+        raise ConfigError(f"bitsandbytes Linear8bitLt {tuple(w.shape)} holds int8 weights without their row "
+                          "scales (SCB); load it through from_pretrained / .to(device) so bitsandbytes sets them.")
+    return bnbf.int8_vectorwise_dequant(w.data, scb.to(w.device))
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of ``module``'s weight as a dense tensor: ``(out, in)`` for a bitsandbytes-quantized
+    linear (not its packed storage), else ``weight.shape``. Saved adapters record it, so an adapter
+    trained on a quantized base loads onto the unquantized one and back."""
+    if quantization_of(module) is not None:
+        return (module.out_features, module.in_features)
+    w = getattr(module, "weight", None)
+    return tuple(w.shape) if w is not None else (0,)
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -63,8 +119,11 @@ class LayerView:
         self.base = base
         self.kind = kind
         self.name = name
+        self.quantization = quantization_of(base)  # "4bit" / "8bit" (bitsandbytes) or None
         w = base.weight
-        if kind == "linear":
+        if self.quantization is not None:  # the packed storage has another shape
+            self.out_features, self.in_features = base.out_features, base.in_features
+        elif kind == "linear":
             self.out_features, self.in_features = w.shape
         elif kind == "hf_conv1d":
             self.in_features, self.out_features = w.shape
@@ -91,7 +150,8 @@ class LayerView:
 
     @property
     def param_dtype(self) -> torch.dtype:
-        """The dtype adapter tensors use: the base weight's, or float32 for integer (quantized) weights."""
+        """The dtype adapter tensors use: the base weight's, or float32 for integer (quantized) weights
+        (bitsandbytes' packed uint8 / int8 storage, as PEFT's QLoRA adapters)."""
         w = self.base.weight
         return w.dtype if w.is_floating_point() else torch.float32
 
@@ -106,7 +166,10 @@ class LayerView:
         return 1 if self.kind in ("conv1d", "conv2d") else -1
 
     def weight2d(self) -> torch.Tensor:
-        """``W0`` as a dense ``(out, in)`` matrix (a view of the base weight where possible)."""
+        """``W0`` as a dense ``(out, in)`` matrix (a view of the base weight where possible; for a
+        bitsandbytes-quantized base, the dequantized weight, computed on each call)."""
+        if self.quantization is not None:
+            return dequantized_weight(self.base)
         w = self.base.weight
         if self.kind in ("hf_conv1d", "embedding"):
             return w.t()
@@ -115,7 +178,10 @@ class LayerView:
         return w
 
     def to_param(self, w2d: torch.Tensor) -> torch.Tensor:
-        """Canonical ``(out, in)`` matrix → the base parameter's own layout."""
+        """Canonical ``(out, in)`` matrix → the base parameter's own layout (for a quantized base:
+        the dense ``(out, in)`` layout of its dequantized weight)."""
+        if self.quantization is not None:
+            return w2d
         if self.kind in ("hf_conv1d", "embedding"):
             return w2d.t()
         if self.kind in ("conv1d", "conv2d"):
@@ -126,6 +192,8 @@ class LayerView:
     def functional(self, x: torch.Tensor, w2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The base layer's output for input ``x`` if its weight were ``w2d`` (canonical)."""
         b = self.base.bias if bias and self.kind != "embedding" else None
+        if self.quantization is not None and b is not None and b.dtype != w2d.dtype:
+            b = b.to(w2d.dtype)  # bitsandbytes keeps the bias in the dtype it was loaded in
         if self.kind in ("linear", "hf_conv1d"):
             return F.linear(x, w2d, b)
         if self.kind in ("conv1d", "conv2d"):

@@ -109,3 +109,183 @@ class ClassificationTask:
 
     def evaluator(self, encoded, batch_size: int = 64):
         return lambda model: {"accuracy": self.accuracy(model, encoded, batch_size)}
+
+
+# ---- adapter folders for Hugging Face models: save_pretrained, from_pretrained -------------------------
+ADAPTER_DIR = "adapter"  # rankwise format (rw.save): every adapter, any method
+PEFT_DIR = "peft"  # PEFT format (rw.export_peft) of the active adapter, where its method has one
+
+
+def save_pretrained(model, path, names=None, peft: bool = True, task_type: str | None = None) -> Path:
+    """Write ``model``'s adapters (with their ``modules_to_save``) under folder ``path``, never the base::
+
+        path/adapter/          rw.save: every adapter (or ``names``) — load with rw.from_pretrained / rw.load
+        path/peft/             rw.export_peft of the first active adapter whose method PEFT has, with
+                               task_type — peft.PeftModel / AutoPeftModelFor* load it
+        path/peft_<name>/      the same for each other adapter PEFT can represent
+
+    ``path`` itself may hold other files (a Trainer checkpoint's optimizer state): only these
+    subfolders are replaced, each atomically. An adapter whose settings PEFT cannot represent is
+    left out of the PEFT folders with a warning. Returns ``path``.
+    """
+    import warnings
+
+    from ..core.api import active_adapters, adapter_state
+    from ..core.registry import get_method
+    from ..errors import ConfigError
+    from ..io.files import save
+    from ..io.peft import export_peft
+
+    path = Path(path)
+    save(model, path / ADAPTER_DIR, names)
+    if not peft:
+        return path
+    state = adapter_state(model)
+    chosen = list(state) if names is None else ([names] if isinstance(names, str) else list(names))
+    order = [n for n in active_adapters(model) if n in chosen] + [n for n in chosen if n not in active_adapters(model)]
+    first = True
+    for name in order:
+        if get_method(state[name]["config"].method).peft_type is None:
+            continue
+        try:
+            export_peft(model, path / (PEFT_DIR if first else f"{PEFT_DIR}_{name}"), name=name, task_type=task_type)
+        except ConfigError as e:
+            warnings.warn(f"adapter '{name}' is saved in rankwise format only ({path / ADAPTER_DIR}): {e}",
+                          stacklevel=2)
+            continue
+        first = False
+    return path
+
+
+def adapter_dir(path) -> Path:
+    """The rankwise adapter folder in ``path``: ``path`` itself (written by rw.save) or ``path/adapter``
+    (written by :func:`save_pretrained`, a Trainer checkpoint)."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file() and (path / ADAPTER_DIR / "adapter_config.json").is_file():
+        return path / ADAPTER_DIR
+    return path
+
+
+def from_pretrained(base, path, trainable: bool = False, names=None, **model_kwargs):
+    """The adapted model in one call: ``base`` (a model, or a folder / hub id loaded with the class
+    its ``config.json`` names in ``architectures``, ``model_kwargs`` passed to its ``from_pretrained``)
+    with the adapters saved in ``path`` (an ``rw.save`` folder, or a folder written by
+    :func:`save_pretrained` / a Trainer checkpoint) loaded by :func:`rankwise.load` — frozen for
+    inference unless ``trainable``."""
+    from torch import nn
+
+    from ..errors import ConfigError
+    from ..io.files import load
+
+    if isinstance(base, nn.Module):
+        model = base
+    else:
+        import transformers
+
+        src = check_model_path(base, "base")
+        config = transformers.AutoConfig.from_pretrained(src)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            raise ConfigError(f"from_pretrained: {base}'s config.json names no model class transformers has "
+                              f"(architectures={archs!r}); load the base model yourself and pass it as base.")
+        model = cls.from_pretrained(src, **model_kwargs)
+    return load(model, adapter_dir(path), names=names, trainable=trainable)
+
+
+# ---- transformers' adapter methods on an adapted model -------------------------------------------------
+HF_METHODS = ("save_pretrained", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
+              "load_adapter", "add_adapter", "delete_adapter")
+_DISABLED = "rankwise_disabled"  # model.__dict__: rw.core.api.snapshot taken by disable_adapters()
+
+
+def _save_pretrained(model, save_directory, *args, is_main_process: bool = True, **kwargs):
+    """``model.save_pretrained`` of an adapted model: the adapters (:func:`save_pretrained`), not the
+    wrapped base under renamed keys. ``state_dict`` and other save options are ignored."""
+    if is_main_process:
+        save_pretrained(model, save_directory)
+
+
+def _set_adapter(model, adapter_name, *args, **kwargs):
+    from ..core.api import set_active
+
+    set_active(model, adapter_name)
+
+
+def _disable_adapters(model):
+    from ..core.api import adapted_layers, snapshot, trained_copies
+
+    if _DISABLED not in model.__dict__:
+        model.__dict__[_DISABLED] = snapshot(model)
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+        layer.active = []
+    for _, tc in trained_copies(model):
+        tc.active = None
+
+
+def _enable_adapters(model):
+    from ..core.api import restore
+
+    snap = model.__dict__.pop(_DISABLED, None)
+    if snap is not None:
+        restore(model, snap)
+
+
+def _active_adapters(model) -> list[str]:
+    from ..core.api import active_adapters
+
+    return active_adapters(model)
+
+
+def _refuse(what: str, instead: str):
+    def method(model, *args, **kwargs):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"model.{what}() is transformers' PEFT integration, which does not see rankwise adapters; "
+                          f"use {instead}.")
+    return method
+
+
+def install_hf_methods(model) -> None:
+    """Make transformers' adapter API act on rankwise adapters (called by ``rw.adapt`` for a
+    ``PreTrainedModel``): ``save_pretrained`` writes the adapters, ``set_adapter(name)`` is
+    ``rw.set_active``, ``disable_adapters()`` / ``enable_adapters()`` switch every adapter off and
+    back, ``active_adapters()`` lists the active ones; ``load_adapter`` / ``add_adapter`` /
+    ``delete_adapter`` raise an error naming ``rw.load`` / ``rw.adapt`` / ``rw.delete``. Set as
+    instance attributes, so the class and other models are untouched (and ``copy.deepcopy`` rebinds
+    them to the copy)."""
+    for name in _IMPL:
+        model.__dict__[name] = _Bound(model, name)
+
+
+class _Bound:
+    """``_IMPL[name]`` bound to one model, stored on the instance. Unlike a bound method it pickles
+    (as the model and the name; the cycle is pickle's memo) and ``copy.deepcopy`` rebinds it to the copy."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    def __call__(self, *args, **kwargs):
+        return _IMPL[self.name](self.model, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Bound, (self.model, self.name)
+
+    def __repr__(self) -> str:
+        return f"<rankwise {self.name} of {type(self.model).__name__}>"
+
+
+def uninstall_hf_methods(model) -> None:
+    """Undo :func:`install_hf_methods` (the model has no adapters left)."""
+    for name in (*HF_METHODS, _DISABLED):
+        model.__dict__.pop(name, None)
+
+
+#: Transformers' adapter API on an adapted model (see :func:`install_hf_methods`).
+_IMPL = {"save_pretrained": _save_pretrained, "set_adapter": _set_adapter,
+         "disable_adapters": _disable_adapters, "enable_adapters": _enable_adapters,
+         "active_adapters": _active_adapters,
+         "load_adapter": _refuse("load_adapter", "rw.load(model, path) (or rw.import_peft for a PEFT folder)"),
+         "add_adapter": _refuse("add_adapter", "rw.adapt(model, method, name=...)"),
+         "delete_adapter": _refuse("delete_adapter", "rw.delete(model, name)")}

@@ -28,6 +28,7 @@ from .. import __version__
 from ..core.api import (
     adapt,
     adapted_layers,
+    adapter_parameters,
     adapter_state,
     exact_targets,
     restore,
@@ -37,9 +38,20 @@ from ..core.api import (
 )
 from ..core.api import delete as delete_adapter
 from ..core.calibrate import LOAD_STATE
+from ..core.distributed import full, is_sharded, rank, unwrap
+from ..core.layers import weight_shape
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, ConfigError, CorruptFileError, ShapeMismatchError, TargetError
-from .atomic import ADAPTER_NAMES, atomic_dir, is_adapter_dir, read_dir, read_json, read_tensors, save_tensors, write_json
+from .atomic import (
+    ADAPTER_NAMES,
+    atomic_dir,
+    is_adapter_dir,
+    read_dir,
+    read_json,
+    read_tensors,
+    save_tensors,
+    write_json,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,7 +79,11 @@ def sha256(path: str | Path) -> str:
 
 
 def save(model: nn.Module, path: str | Path, names=None) -> Path:
-    """Save adapters ``names`` (default: all) of ``model`` to directory ``path``."""
+    """Save adapters ``names`` (default: all) of ``model`` to directory ``path``.
+
+    ``model`` may be DDP-wrapped; an FSDP2-sharded model is saved by calling this on every rank
+    (the shards are gathered; rank 0 writes the complete adapter)."""
+    model = unwrap(model)
     state = adapter_state(model)
     names = list(state) if names is None else ([names] if isinstance(names, str) else list(names))
     if not names:
@@ -85,7 +101,7 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
                 tensors[f"{name}/{SHARED}/{pname}"] = t
         for mname in entry["modules"]:
             layer = layers[mname]
-            mods[mname] = {"kind": layer.view.kind, "weight_shape": list(layer.base.weight.shape)}
+            mods[mname] = {"kind": layer.view.kind, "weight_shape": list(weight_shape(layer.base))}
             if entry.get("overrides", {}).get(mname):  # per-module config (EVA's ranks): load rebuilds it
                 mods[mname]["overrides"] = entry["overrides"][mname]
             for pname, t in _own_state(layer.adapters[name], skip).items():
@@ -99,6 +115,10 @@ def save(model: nn.Module, path: str | Path, names=None) -> Path:
             "modules": mods,
             "modules_to_save": entry["modules_to_save"],
         }
+    if any(is_sharded(t) for t in tensors.values()):  # FSDP2: every rank gathers, rank 0 writes
+        tensors = {k: full(t) for k, t in tensors.items()}
+        if rank() != 0:
+            return Path(path)
     with atomic_dir(path, ADAPTER_NAMES, "rw.save: adapter folder", is_adapter_dir) as tmp:
         save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
         write_json(tmp / CONFIG_NAME, {
@@ -168,11 +188,14 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, read_tensors(w_file, "Save the adapter again.")
 
 
-def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Module:
+def load(model: nn.Module, path: str | Path, names=None, active=True, trainable: bool = False) -> nn.Module:
     """Load adapters saved by :func:`save` onto ``model`` (a fresh base model); return ``model``.
 
-    All checks happen before the model changes: a module that is missing or has another
-    shape fails with an error naming it and both shapes, and nothing is loaded.
+    ``trainable=False`` (default, for inference, as PEFT's ``is_trainable=False``): the loaded
+    adapters and their ``modules_to_save`` are frozen; ``trainable=True`` to continue training
+    them (each method's own frozen tensors stay frozen). All checks happen before the model
+    changes: a module that is missing or has another shape fails with an error naming it and
+    both shapes, and nothing is loaded.
     """
     cfg, tensors = read(path)
     saved = cfg["adapters"]
@@ -203,7 +226,7 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
                     f"'{name}' in {path} would be dropped. Materialize the model first (model.to_empty(device=...) "
                     "and load its base weights), then rw.load."
                 )
-            got = tuple(getattr(base, "weight", torch.empty(0)).shape)
+            got = weight_shape(base)  # a quantized base: its dense (out, in), not the packed storage
             if got != tuple(info["weight_shape"]):
                 raise ShapeMismatchError(
                     f"module '{mname}': the saved adapter '{name}' was made for weight shape "
@@ -253,6 +276,13 @@ def load(model: nn.Module, path: str | Path, names=None, active=True) -> nn.Modu
     for name in names:
         for mname in saved[name]["modules"]:
             layers[mname].adapters[name].loaded()
+    if not trainable:  # before set_active: an adapter loaded inactive stays frozen when it is activated
+        for name in names:
+            params = adapter_parameters(model, name)
+            for p in params:
+                p.requires_grad_(False)
+            if state[name].get("parked") is not None:
+                state[name]["parked"] = [False] * len(params)
     set_active(model, [n for n in names] if active else None)
     return model
 

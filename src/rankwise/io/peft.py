@@ -23,13 +23,56 @@ from ..core.api import delete as delete_adapter
 from ..core.calibrate import LOAD_STATE
 from ..core.registry import get_method, methods
 from ..errors import ConfigError, CorruptFileError, RankwiseError, ShapeMismatchError, TargetError
-from .atomic import ADAPTER_NAMES, atomic_dir, is_adapter_dir, read_dir, read_json, read_tensors, save_tensors, write_json
+from .atomic import (
+    ADAPTER_NAMES,
+    atomic_dir,
+    is_adapter_dir,
+    read_dir,
+    read_json,
+    read_tensors,
+    save_tensors,
+    write_json,
+)
 
 PREFIX = "base_model.model."
 
 
-def export_peft(model: nn.Module, path: str | Path, name: str | None = None, base_model_name_or_path=None) -> Path:
-    """Write adapter ``name`` (default: the only one) as a PEFT adapter directory."""
+#: PEFT ``task_type`` by the suffix of the model's class name (first match in its MRO).
+TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+              ("ForTokenClassification", "TOKEN_CLS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+              ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+#: Head modules PEFT's model class for a task adds to ``modules_to_save`` (and then expects in the file).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
+def infer_task_type(model: nn.Module, modules_to_save=None) -> str | None:
+    """PEFT's ``task_type`` for ``model`` from its class (``LlamaForCausalLM`` → ``CAUSAL_LM`` …), or None.
+
+    With ``modules_to_save`` given, a task whose PEFT class saves a head (``SEQ_CLS``: the
+    ``classifier`` / ``score``) is named only when the adapter saves that head too: PEFT would
+    otherwise look for its weights in the file and fail to load it."""
+    for cls in type(model).__mro__:
+        for suffix, task in TASK_TYPES:
+            if cls.__name__.endswith(suffix):
+                if modules_to_save is not None and task in TASK_HEADS:
+                    heads = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TASK_HEADS[task]]
+                    if not heads or not set(heads) <= set(modules_to_save):
+                        return None
+                return task
+    return None
+
+
+def export_peft(model: nn.Module, path: str | Path, name: str | None = None, base_model_name_or_path=None,
+                task_type: str | None = None) -> Path:
+    """Write adapter ``name`` (default: the only one) as a PEFT adapter directory.
+
+    ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``) defaults to the one the model's class
+    implies (:data:`TASK_TYPES`; None for a bare encoder), so ``peft.AutoPeftModelFor*`` can load the
+    folder; ``base_model_name_or_path`` (default: ``model.config._name_or_path``) is where those load
+    the base model from."""
     state = adapter_state(model)
     if name is None:
         if len(state) != 1:
@@ -66,7 +109,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None, bas
         "modules_to_save": list(entry["modules_to_save"]) or None,
         "base_model_name_or_path": base_model_name_or_path
         or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "task_type": None,
+        "task_type": task_type or infer_task_type(model, entry["modules_to_save"]),
         "inference_mode": True,
     })
     with atomic_dir(path, ADAPTER_NAMES, "rw.export_peft: adapter folder", is_adapter_dir) as tmp:

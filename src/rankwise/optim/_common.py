@@ -454,11 +454,28 @@ def _target_match(targets, name: str) -> bool:
     return any(t in name for t in targets)
 
 
+#: The default ``targets`` of :func:`param_groups`: matrices inside attention and MLP blocks, by module
+#: name (LLaMA ``self_attn`` / ``mlp``, GPT-2 ``attn`` / ``mlp``, BERT ``attention`` / ``intermediate`` /
+#: ``layer.N.output``, T5 ``SelfAttention`` / ``DenseReluDense``, ``ffn`` / ``feed_forward``).
+RECIPE_TARGETS = (r"(?i)(attn|attention|mlp|ffn|feed_?forward|intermediate|dense_?relu_?dense|"
+                  r"\.\d+\.output)(\.|$)")
+
+
+def default_targets(model: nn.Module):
+    """:data:`RECIPE_TARGETS` if some projectable weight matrix of ``model`` is in an attention or MLP
+    block (a transformer), else ``None`` — every matrix (an MLP, a CNN, a model with other names)."""
+    if any(True for _ in matrix_parameters(model, targets=RECIPE_TARGETS)):
+        return RECIPE_TARGETS
+    return None
+
+
 def matrix_parameters(model: nn.Module, *, targets=None, include_embeddings: bool = False):
     """``(name, parameter)`` for the weight matrices that low-rank optimizers project: weights of
     ``nn.Linear``, ``nn.Conv*`` and Hugging Face ``Conv1D`` modules whose name matches ``targets``
-    (a regex, or a list of substrings; ``None`` = all), plus ``nn.Embedding`` weights when
+    (a regex, or a list of substrings; ``None`` or ``"all"`` = all), plus ``nn.Embedding`` weights when
     ``include_embeddings``. A weight tied to an embedding counts as an embedding."""
+    if targets == "all":
+        targets = None
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     seen = set()
     for mname, module in model.named_modules():
@@ -473,13 +490,20 @@ def matrix_parameters(model: nn.Module, *, targets=None, include_embeddings: boo
             yield (f"{mname}.weight" if mname else "weight"), w
 
 
-def param_groups(model: nn.Module, rank: int | float, *, targets=None, include_embeddings: bool = False,
+def param_groups(model: nn.Module, rank: int | float, *, targets="recipe", include_embeddings: bool = False,
                  update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std", **group_options) -> list[dict]:
     """Two param groups for a low-rank optimizer: ``[{"params": rest}, {"params": matrices, "rank": rank, ...}]``.
 
-    ``matrices`` are :func:`matrix_parameters`; everything else trainable (biases, norms, embeddings
-    unless ``include_embeddings``) goes to the first group and takes the AdamW fallback.
-    ``group_options`` (e.g. ``projector="dct"``) are added to the low-rank group."""
+    ``matrices`` are :func:`matrix_parameters` matching ``targets``; everything else trainable
+    (biases, norms, embeddings unless ``include_embeddings``, the output head) goes to the first
+    group and takes the AdamW fallback. ``targets="recipe"`` (default) projects the attention and
+    MLP matrices only (:data:`RECIPE_TARGETS`), as the GaLore recipe (``target_modules_list =
+    ["attn", "mlp"]``), Transformers' ``optim_target_modules`` examples and ``rankwise pretrain`` do;
+    a model without attention / MLP module names (an MLP, a CNN) falls back to every weight matrix.
+    ``targets=None`` or ``"all"``: every weight matrix, ``lm_head`` included; a regex or a list of
+    substrings: those. ``group_options`` (e.g. ``projector="dct"``) are added to the low-rank group."""
+    if isinstance(targets, str) and targets == "recipe":
+        targets = default_targets(model)
     mats = [p for _, p in matrix_parameters(model, targets=targets, include_embeddings=include_embeddings)]
     if not mats:
         raise TargetError(f"param_groups: no weight matrix of {type(model).__name__} matches targets={targets!r} "
