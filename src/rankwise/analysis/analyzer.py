@@ -161,7 +161,8 @@ def analyze(base_model: nn.Module, adapted_model: nn.Module | None = None, batch
     summary = summarize(ordered, pairs, reps)
     return Analysis(
         name=name, layers=ordered, spectra=spec_out, similarity=sims, bases=bases, summary=summary,
-        settings={"k": k, "eps": eps, "r": r, "method": method, "mode": "adapters" if toggle else "two models"},
+        settings={"k": k, "eps": eps, "r": r, "method": method, "mode": "adapters" if toggle else "two models",
+                  "skipped": dict(getattr(pairs, "skipped", {}))},  # layers without a weight view, and why
         representations=reps, intruder_cos=best,
         seconds={"pairs": t_pairs - t0, "weights": t_weights - t_pairs, "representations": t_reps - t_weights,
                  "total": t_reps - t0},

@@ -102,6 +102,26 @@ def effective_weight(m: nn.Module) -> torch.Tensor:
     return LayerView(_plain(m)).weight2d().detach().float()
 
 
+class WeightPairs(dict):
+    """:func:`weight_pairs`' result: ``{layer: (W0, ΔW)}``, and in ``skipped`` the layers left out with the
+    reason (``{layer: message}``): layers whose active adapter has no weight view because its update depends
+    on the input (a ``mole`` mixture with ``router="token"`` / ``"topk"``: ``delta_weight()`` raises)."""
+
+    def __init__(self, pairs=(), skipped: dict[str, str] | None = None):
+        super().__init__(pairs)
+        self.skipped = dict(skipped or {})
+
+
+def _delta_or_skip(name: str, m: AdaptedLayer, skipped: dict[str, str]) -> torch.Tensor | None:
+    """``adapter_delta(m)``, or ``None`` with the reason recorded in ``skipped`` when an active adapter's
+    weight view is undefined (its ``delta_weight()`` raises ``ConfigError``: routing per input)."""
+    try:
+        return adapter_delta(m)
+    except ConfigError as e:
+        skipped[name] = f"skipped: {e}"
+        return None
+
+
 def _select(names, layers, exclude) -> list[str]:
     if layers is not None:
         try:
@@ -116,7 +136,9 @@ def _select(names, layers, exclude) -> list[str]:
 def weight_pairs(base: nn.Module, adapted: nn.Module | None = None, layers: str | None = None,
                  exclude: Iterable[str] | None = None, kinds: Iterable[str] = DEFAULT_KINDS,
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer name: (W0, ΔW)}``, float32, ``(out, in)``.
+    """``{layer name: (W0, ΔW)}``, float32, ``(out, in)`` (a :class:`WeightPairs`: layers whose active
+    adapter's update depends on the input — ``mole`` with per-token routing — are left out and listed with
+    the reason in ``.skipped``; when that leaves no layer, a ``TargetError`` says so).
 
     * ``adapted`` is ``None`` or ``base`` itself: ``base`` carries adapters; ``W0`` is each adapted
       layer's base weight and ``ΔW`` the active adapters' weight view.
@@ -132,14 +154,19 @@ def weight_pairs(base: nn.Module, adapted: nn.Module | None = None, layers: str 
             raise TargetError(f"{type(base).__name__} has no adapters; pass the fine-tuned model as the "
                               "second argument, or adapt/load adapters onto it first.")
         names = _select(list(mods), layers, exclude)
-        pairs = {n: (base_weight(mods[n]), adapter_delta(mods[n])) for n in names}
+        skipped: dict[str, str] = {}
+        pairs = {}
+        for n in names:
+            d = _delta_or_skip(n, mods[n], skipped)
+            if d is not None:
+                pairs[n] = (base_weight(mods[n]), d)
     else:
         amods = layer_modules(adapted, kinds)
         adapted_only = {n: m for n, m in amods.items() if isinstance(m, AdaptedLayer)}
         cand = adapted_only or amods
         bmods = dict(base.named_modules())
         names = _select(list(cand), layers, exclude)
-        pairs = {}
+        pairs, skipped = {}, {}
         for n in names:
             bm = bmods.get(n)
             if bm is None or kind_of(_plain(bm.base if isinstance(bm, AdaptedLayer) else bm)) is None:
@@ -153,7 +180,9 @@ def weight_pairs(base: nn.Module, adapted: nn.Module | None = None, layers: str 
                 if own0.shape != w0.shape:
                     raise ShapeMismatchError(f"module '{n}': base weight {tuple(w0.shape)}, adapted model's "
                                              f"{tuple(own0.shape)}; compare models of the same architecture.")
-                d = adapter_delta(am)
+                d = _delta_or_skip(n, am, skipped)
+                if d is None:
+                    continue
                 dw = d if torch.equal(own0, w0) else d + (own0 - w0)
             else:
                 w = effective_weight(am)
@@ -163,8 +192,9 @@ def weight_pairs(base: nn.Module, adapted: nn.Module | None = None, layers: str 
                 dw = w - w0
             pairs[n] = (w0, dw)
     if not pairs:
-        raise TargetError(f"no layers to analyze (layers={layers!r}, exclude={sorted(exclude or [])}).")
-    return pairs
+        why = (f"; every selected layer was skipped: {next(iter(skipped.values()))}" if skipped else "")
+        raise TargetError(f"no layers to analyze (layers={layers!r}, exclude={sorted(exclude or [])}){why}")
+    return WeightPairs(pairs, skipped)
 
 
 # ---- intruder dimensions --------------------------------------------------------------------------

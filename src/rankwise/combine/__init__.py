@@ -34,10 +34,10 @@ from torch import nn
 
 from ..core.api import adapted_layers, adapter_state
 from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, close_names
-from . import iso, knots, linear, lora_lego, soups, ties
+from . import eigenlora, iso, knots, linear, lora_lego, soups, ties
 from .engine import REQUIRED, build_lora, head_states, layer_inputs
 
-_FAMILIES = (linear, ties, iso, knots, lora_lego, soups)
+_FAMILIES = (linear, ties, iso, knots, lora_lego, soups, eigenlora)
 METHODS: dict[str, tuple] = {}
 for _mod in _FAMILIES:
     METHODS.update(_mod.METHODS)
