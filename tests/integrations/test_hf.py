@@ -160,3 +160,18 @@ def test_an_adapted_hf_model_pickles_and_deepcopies(tmp_path):
         assert other.active_adapters() == ["default"] and other.save_pretrained.model is other
         other.save_pretrained(tmp_path / "again")  # rankwise's: the adapter, not the whole model
         assert (tmp_path / "again" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_loading_a_classifier_leaves_transformers_logging_as_it_was():
+    """Ecosystem review, small things: the loader set transformers' logging to "error" for the whole process."""
+    from transformers.utils import logging as hf_logging
+
+    from rankwise.integrations.hf import load_sequence_classifier, minilm_path
+
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        load_sequence_classifier(minilm_path(), num_labels=3)
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()

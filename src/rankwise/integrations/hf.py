@@ -56,13 +56,21 @@ def load_sequence_classifier(path_or_id: str | os.PathLike, num_labels: int, see
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     path = check_model_path(path_or_id)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                               ignore_mismatched_sizes=True)
-    tok = AutoTokenizer.from_pretrained(path)
+    # quiet only while loading (the new head's "newly initialized" notice): the caller's
+    # transformers logging and progress bars are restored afterwards
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True)
+        tok = AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if tok.pad_token is None:  # GPT-style tokenizers
         tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id
