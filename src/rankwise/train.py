@@ -19,10 +19,30 @@ Checkpoint directory (written atomically, replacing the previous one; never pick
   of its param groups and of the scheduler, and the RNG state (``rng.cpu``, ``rng.cuda.<i>``).
 - ``trainer_state.json``: the step, the non-tensor parts of the optimizer and scheduler state
   (tensors appear as ``{"__tensor__": key}``), the config, and the loss/lr/eval history.
+
+Several processes (``torch.distributed`` initialized with world size ``w > 1``, e.g. under
+``torchrun`` or ``accelerate launch``; ``rankwise finetune/pretrain --nproc N`` launch it):
+
+- the model is wrapped in ``DistributedDataParallel`` (unless it already is, is FSDP2-sharded, or
+  the optimizer is a layer-wise handle, which averages gradients itself), so gradients are averaged
+  over processes after each backward; ``loss_fn`` receives the wrapper, ``eval_fn`` the bare model
+  (on every rank, so a sharded model's collectives match);
+- ``batch_size`` is the **global** micro-batch: micro-batch ``k`` is the same indices as in one process
+  (a pure function of ``(seed, k)``), and rank ``r`` takes the contiguous ``r``-th of its ``w`` equal
+  parts (``batch_size`` must divide by ``w``) — a pure function of ``(seed, k, r)``. With a mean loss
+  the averaged gradient is the whole batch's, so the run matches one process up to float rounding;
+  gradient accumulation skips DDP's all-reduce (``no_sync``) on all but the last micro-batch;
+- the logged loss is the mean over processes (one all-reduce of a scalar per step);
+- checkpoints: every rank calls :func:`save_checkpoint` with the same directory; the ranks' RNG
+  states are gathered, **rank 0 alone writes**, and a barrier holds the others until the folder is
+  complete. Parameters and optimizer state are rank 0's (DDP keeps them identical). On resume every
+  rank reads the folder and restores its own RNG state. FSDP2-sharded models are refused here (their
+  state is sharded: use ``torch.distributed.checkpoint``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -35,6 +55,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.distributed import barrier, is_fsdp_sharded, is_sharded, rank, unwrap, world_size
 from .core.rank import has_rank_hooks, rank_regularization, rank_step
 from .errors import ConfigError, CorruptFileError, NonFiniteLossError, ShapeMismatchError, close_names
 from .io.atomic import (
@@ -67,7 +88,7 @@ class TrainConfig:
     """Hyperparameters of :func:`train`; every field is checked in ``__post_init__``."""
 
     steps: int = 100  # optimizer steps
-    batch_size: int = 16  # examples per micro-batch; one optimizer step sees batch_size * grad_accum
+    batch_size: int = 16  # examples per micro-batch (all processes together); a step sees batch_size * grad_accum
     lr: float = 1e-3  # peak learning rate (ignored when train() is given an optimizer)
     weight_decay: float = 0.0  # AdamW decoupled decay on parameters with ndim >= 2 only
     warmup: float = 0.06  # fraction of steps if < 1, else a number of steps; linear warmup then cosine to 0
@@ -179,7 +200,9 @@ def _checkpointed(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint holds: the trainable parameters, and every tensor (frozen parameters,
     persistent buffers) of a module with ``checkpoint_frozen = True`` — a module whose frozen state
     changes while training (ReLoRA merges into its frozen ``W``; LoQT re-quantizes its base; SST
-    swaps its sampled vectors), so a resume restores it too."""
+    swaps its sampled vectors), so a resume restores it too. Names are the bare model's (a DDP
+    wrapper is looked through), so a checkpoint resumes with any number of processes."""
+    model = unwrap(model)
     out = dict(_trainable(model))
     for prefix, module in model.named_modules():
         if getattr(module, "checkpoint_frozen", False) is True:
@@ -219,7 +242,9 @@ def train(
     checkpoint there every ``checkpoint_every`` steps and at the end; with ``resume=True`` an
     existing checkpoint there is loaded and training continues from its step (the result then
     holds the whole history). The model must be built the same way as for the first run: only
-    trainable parameters are saved.
+    trainable parameters are saved. Under ``torch.distributed`` (world size > 1) every process calls
+    ``train`` with the same arguments; see the module docstring (DDP, global ``batch_size``, rank 0
+    writes the checkpoints).
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -228,6 +253,11 @@ def train(
     if n < config.batch_size:
         raise ConfigError(f"train: {n} training examples is fewer than batch_size={config.batch_size}; "
                           "lower batch_size or add data (the last partial batch of an epoch is dropped).")
+    world, me = world_size(), rank()
+    if config.batch_size % world:
+        raise ConfigError(f"train: batch_size={config.batch_size} is the global micro-batch and must divide evenly "
+                          f"over the {world} processes; use a multiple of {world} (e.g. "
+                          f"{max(world, config.batch_size // world * world)}).")
     if resume and checkpoint_dir is None:
         raise ConfigError("train: resume=True needs checkpoint_dir= (the directory of the checkpoint to resume).")
     if checkpoint_dir is not None:
@@ -237,8 +267,9 @@ def train(
     scheduler = (make_scheduler(optimizer, config) if lr_lambda is None
                  else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda))
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    batches = _BatchOrder(n, config.batch_size, config.seed)
-    ranked = has_rank_hooks(model)
+    batches = _BatchOrder(n, config.batch_size, config.seed, rank=me, world=world)
+    bare = unwrap(model)
+    ranked = has_rank_hooks(bare)
 
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     t0 = time.perf_counter()
@@ -255,6 +286,7 @@ def train(
                                   f"{config.steps}. Pass steps >= {done}, or another checkpoint_dir to start anew.")
             step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
             losses, lrs, evals = _history(checkpoint_dir, config, digest)
+        model = _ddp(model, optimizer)  # after loading: every rank starts from the same weights
         model.train()
         bar = _progress(config.steps, step, desc, progress)
         while step < config.steps:
@@ -262,14 +294,20 @@ def train(
             total = None
             for micro in range(config.grad_accum):
                 batch = collate([train_data[i] for i in batches[step * config.grad_accum + micro]])
-                loss = loss_fn(model, batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise ConfigError(f"train: loss_fn must return a scalar tensor, got "
-                                      f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)}; "
-                                      "reduce it with .mean() over the batch.")
-                reg = rank_regularization(model) if ranked else None  # e.g. AdaLoRA's orthogonality term
-                ((loss if reg is None else loss + reg) / config.grad_accum).backward()
+                sync = micro == config.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+                with contextlib.nullcontext() if sync else model.no_sync():  # all-reduce on the last micro-batch
+                    loss = loss_fn(model, batch)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        raise ConfigError(f"train: loss_fn must return a scalar tensor, got "
+                                          f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)}; "
+                                          "reduce it with .mean() over the batch.")
+                    reg = rank_regularization(bare) if ranked else None  # e.g. AdaLoRA's orthogonality term
+                    ((loss if reg is None else loss + reg) / config.grad_accum).backward()
                 total = loss.detach() if total is None else total + loss.detach()
+            if world > 1:  # the logged loss (and the NaN check) is the mean over processes, the same on each
+                total = total.clone()
+                torch.distributed.all_reduce(total)
+                total = total / world
             # the loss and the gradient norm (clipped or not) read together: one host sync per step
             norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
             mean_loss, norm_value = torch.stack([(total / config.grad_accum).float(),
@@ -290,7 +328,7 @@ def train(
                 skipped.append(step + 1)
             step += 1
             if ranked and finite:  # rank allocation, SoRA's proximal step, LaMDA's freezing: needs this step's .grad
-                rank_step(model, step, optimizer, total_steps=config.steps)  # and lr (before the scheduler moves it)
+                rank_step(bare, step, optimizer, total_steps=config.steps)  # and lr (before the scheduler moves it)
             scheduler.step()
             losses.append(mean_loss)
             lrs.append(float(lr))
@@ -298,25 +336,29 @@ def train(
             bar.update(1)
 
             if eval_fn is not None and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
-                evals.append((step, _evaluate(model, eval_fn)))
+                evals.append((step, _evaluate(bare, eval_fn)))
             if checkpoint_dir is not None and (step == config.steps or (
                     config.checkpoint_every and step % config.checkpoint_every == 0)):
                 save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, config=config,
                                 history={"losses": losses, "lrs": lrs, "evals": evals, "data": digest})
         bar.close()
         if eval_fn is not None and (not evals or evals[-1][0] != step):
-            evals.append((step, _evaluate(model, eval_fn)))  # resumed at the end: nothing ran yet
-    model.train(was_training)
+            evals.append((step, _evaluate(bare, eval_fn)))  # resumed at the end: nothing ran yet
+    bare.train(was_training)
     return TrainResult(losses=losses, evals=evals, wall_time=time.perf_counter() - t0, steps=step, lrs=lrs,
                        skipped=skipped)
 
 
 class _BatchOrder:
-    """Indices of micro-batch ``k``: a pure function of ``(seed, k)``, one permutation per epoch."""
+    """Indices of micro-batch ``k`` on rank ``rank`` of ``world``: a pure function of ``(seed, k, rank)``.
+    One permutation per epoch cut into global micro-batches of ``batch_size``; rank ``r`` takes the
+    ``r``-th of ``world`` equal contiguous parts of each."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = n // batch_size
+        self.local = batch_size // world
+        self.start = rank * self.local
         self._epoch, self._perm = -1, None
 
     def __getitem__(self, k: int) -> list[int]:
@@ -324,7 +366,24 @@ class _BatchOrder:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
-        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+        first = j * self.batch_size + self.start
+        return self._perm[first:first + self.local]
+
+
+def _ddp(model: nn.Module, optimizer) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` when several processes run and nothing else averages
+    the gradients: not when it is already wrapped, FSDP2-sharded (FSDP reduces them) or stepped by a
+    layer-wise handle (its hooks all-reduce). CUDA models get ``device_ids=[their device]``."""
+    if world_size() <= 1 or isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp_sharded(model):
+        return model
+    from .optim.layerwise import LayerwiseHandle
+
+    if isinstance(optimizer, LayerwiseHandle):
+        return model
+    devices = {p.device for p in model.parameters()}
+    device = next(iter(devices))
+    ids = [device] if len(devices) == 1 and device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def _evaluate(model: nn.Module, eval_fn) -> dict[str, float]:
@@ -412,6 +471,16 @@ def save_checkpoint(
     directory = Path(directory)
     _check_replaceable(directory)
     params = _checkpointed(model)
+    sharded = [name for name, t in params.items() if is_sharded(t)]
+    if sharded:
+        raise ConfigError(f"save_checkpoint: parameter {sharded[0]!r} is an FSDP2 / DTensor shard; a train "
+                          "checkpoint holds whole tensors. Save a sharded run with torch.distributed.checkpoint "
+                          "(dcp.save of get_state_dict(model, optimizer)), or train without checkpoint_dir.")
+    world = world_size()
+    rngs = _gather_rng() if world > 1 else None  # collective: every rank calls save_checkpoint
+    if world > 1 and rank() != 0:
+        barrier()  # returns once rank 0 has written the folder
+        return directory
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -421,16 +490,35 @@ def save_checkpoint(
         "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler.", tensors),
         "config": None if config is None else dataclasses.asdict(config),
         "history": history,
+        "world_size": world,
     }
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i in range(torch.cuda.device_count()):
             tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i)
-    with atomic_dir(directory, CHECKPOINT_NAMES, "checkpoint_dir", _is_checkpoint) as tmp:
-        save_tensors(tmp / "model.safetensors", params)
-        save_tensors(tmp / "optimizer.safetensors", tensors)
-        write_json(tmp / "trainer_state.json", state)
+    for r, states in enumerate(rngs or ()):  # each process's own RNG state, restored on its rank
+        tensors.update({f"rng.rank{r}.{k}": v for k, v in states.items()})
+    try:
+        with atomic_dir(directory, CHECKPOINT_NAMES, "checkpoint_dir", _is_checkpoint) as tmp:
+            save_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in params.items()})
+            save_tensors(tmp / "optimizer.safetensors", tensors)
+            write_json(tmp / "trainer_state.json", state)
+    finally:
+        if world > 1:
+            barrier()
     return directory
+
+
+def _gather_rng() -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG state (CPU, and the current CUDA device's when CUDA is in use), on every rank."""
+    import torch.distributed as dist
+
+    mine = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -469,6 +557,11 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         for i in range(torch.cuda.device_count()):
             if f"rng.cuda.{i}" in extra:
                 torch.cuda.set_rng_state(extra[f"rng.cuda.{i}"], i)
+    me = f"rng.rank{rank()}." if world_size() > 1 else None  # a multi-process checkpoint: this rank's own
+    if me is not None and me + "cpu" in extra:
+        torch.set_rng_state(extra[me + "cpu"])
+        if me + "cuda" in extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(extra[me + "cuda"])
     return int(state["step"])
 
 

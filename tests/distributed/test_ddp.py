@@ -3,8 +3,10 @@
 Each scenario trains on 2 processes, each on its half of a batch, and is compared with one
 process training on the whole batch (the loss is a mean over equal halves, so the averaged
 gradient is the whole-batch gradient): DDP with LoRA and DoRA, FSDP2 (``fully_shard``) with LoRA
-(its adapter saved by ``rw.save`` on every rank: gathered, complete), GaLore under DDP, and
-layer-wise GaLore (which averages in its hooks; on a DDP-wrapped model it is refused).
+(its adapter saved by ``rw.save`` on every rank: gathered, complete; then merged shard by shard with
+``rw.merge`` and saved dense from rank 0 via ``full_state_dict(dense=True)``; FSDP2 DoRA merged too),
+GaLore under DDP, and layer-wise GaLore (which averages in its hooks; on a DDP-wrapped model it is
+refused).
 Tolerance: float32 sums in another order, 1e-6.
 """
 
@@ -114,6 +116,29 @@ WORKER = SETUP + textwrap.dedent("""
     results.update({f"fsdp_lora/{k}": v.full_tensor().detach() for k, v in trainable(m).items()})
     rw.save(m, f"{out}/fsdp_lora")  # on every rank: gathers, rank 0 writes
 
+    from rankwise.core.distributed import full_state_dict
+    from rankwise.io.atomic import save_tensors
+
+    def merge_sharded(kind, m):  # rw.merge on every rank: each adds its shard of the whole ΔW
+        before = {k: v.detach().clone() for k, v in full_state_dict(m).items()}
+        rw.merge(m)
+        m.eval()
+        with torch.no_grad():
+            results[f"{kind}_merged_out"] = m(x)  # FSDP forward through the merged shards
+        dense = full_state_dict(m, dense=True)  # every rank gathers; rank 0 writes
+        if rank == 0:
+            save_tensors(f"{out}/{kind}_merged.safetensors", dense)
+        rw.unmerge(m)
+        results.update({f"{kind}_unmerged/{k}": (v - before[k]).abs().max().reshape(1)
+                        for k, v in full_state_dict(m).items() if v.is_floating_point()})
+
+    merge_sharded("fsdp_lora", m)  # the trained FSDP2 LoRA model
+    m = build("dora")  # DoRA reads W0: its ΔW needs the gathered base weight
+    for layer in (m[0], m[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    merge_sharded("fsdp_dora", m)
+
     if rank == 0:
         save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/results.safetensors")
     dist.destroy_process_group()
@@ -188,6 +213,58 @@ def test_adapter_saved_from_a_distributed_run_is_complete(distributed, kind):
     assert set(got) == set(want)
     for name, p in got.items():
         assert torch.equal(p.detach(), want[name]), name
+
+
+@pytest.mark.parametrize("kind", ["fsdp_lora", "fsdp_dora"])
+def test_merging_sharded_weights_matches_one_process(distributed, kind):
+    """rw.merge on an FSDP2 model (every rank adds its shard of ΔW), the dense state dict gathered by
+    full_state_dict(dense=True) and written by rank 0, against one process: the same model trained on
+    the whole batch (LoRA; 1e-6 as above) or untrained (DoRA: ΔW is computed from the same gathered
+    factors, so the merged weights are bitwise equal), then rw.unadapt(merge=True).state_dict().
+    rw.unmerge restores the sharded weights (float rounding of (W + ΔW) − ΔW)."""
+    tmp, results, _ = distributed
+    env: dict = {}
+    exec(compile(SETUP, "setup", "exec"), env)
+    x, _ = env["batch"]()
+    m = env["build"]("dora" if kind == "fsdp_dora" else "lora")
+    if kind == "fsdp_lora":
+        trained = _single(kind)
+        with torch.no_grad():
+            for name, p in trained.items():
+                m.get_parameter(name).copy_(p)
+    rw.merge(m)
+    m.eval()
+    with torch.no_grad():
+        want_out = m(x)
+    want = rw.unadapt(m, merge=True).state_dict()
+    got = load_file(Path(tmp) / f"{kind}_merged.safetensors")
+    assert set(got) == set(want) and {"0.weight", "0.bias", "2.weight", "2.bias"} <= set(got)
+    for name, w in want.items():
+        if kind == "fsdp_dora":
+            assert torch.equal(got[name], w), name
+        else:
+            torch.testing.assert_close(got[name], w, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(results[f"{kind}_merged_out"], want_out, rtol=1e-5, atol=1e-6)
+    restored = {k: float(v) for k, v in results.items() if k.startswith(f"{kind}_unmerged/")}
+    assert restored and max(restored.values()) < 1e-6
+
+
+def test_dense_state_dict_in_one_process():
+    """full_state_dict(dense=True) without sharding: rw.unadapt(merge=True)'s state dict, the model
+    left adapted; refused (before anything changes) while an adapter is unmerged."""
+    from rankwise.core.distributed import full_state_dict
+
+    env: dict = {}
+    exec(compile(SETUP, "setup", "exec"), env)
+    m = env["build"]("lora")
+    with pytest.raises(ConfigError, match="not merged.*rw.merge"):
+        full_state_dict(m, dense=True)
+    rw.merge(m)
+    got = full_state_dict(m, dense=True)
+    assert any(".adapters." in k for k in m.state_dict())  # still adapted
+    want = rw.unadapt(m, merge=True).state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_layerwise_on_a_ddp_model_is_refused(distributed):

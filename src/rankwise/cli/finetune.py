@@ -35,6 +35,7 @@ LABELS_FORMAT = "rankwise-finetune-labels/1"
 
 
 def run_finetune(args) -> dict:
+    from ..core import distributed as rd
     from ..data import read_table
     from ..integrations.hf import ClassificationTask, check_model_path, load_sequence_classifier
     from ..io.atomic import write_json
@@ -53,6 +54,11 @@ def run_finetune(args) -> dict:
     from .main import _targets
 
     full = args.method == FULL
+    if getattr(args, "nproc", 1) > 1 and not rd.launched():  # re-run this command on N processes (torchrun)
+        check_out(args.out, "finetune", OUT_NAMES, adapters=("adapter", "best"), models=("model", "best"))
+        return rd.relaunch(args.nproc, args._argv)
+    rd.init_from_env()  # under torchrun / accelerate launch: join the group (train() then wraps in DDP)
+    main = rd.is_main()  # only rank 0 writes
     out = check_out(args.out, "finetune", OUT_NAMES, adapters=("adapter", "best"), models=("model", "best"))
     check_model_path(args.model, "--model")
     ckpt = out / "checkpoint"
@@ -99,12 +105,15 @@ def run_finetune(args) -> dict:
     train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
     model = prepare(model, args.method, opts, head, args.seed,
                     **common.calibration_for(args.method, task, train_enc, args.batch_size))
-    write_json(out / LABELS_FILE, {
-        "format": LABELS_FORMAT, "id2label": {str(k): v for k, v in id2label.items()},
-        "label2id": {v: k for k, v in id2label.items()}, "base_model": str(args.model), "method": args.method,
-        "final": "model" if full else "adapter", "text_col": args.text_col, "label_col": args.label_col})
+    if main:
+        write_json(out / LABELS_FILE, {
+            "format": LABELS_FORMAT, "id2label": {str(k): v for k, v in id2label.items()},
+            "label2id": {v: k for k, v in id2label.items()}, "base_model": str(args.model), "method": args.method,
+            "final": "model" if full else "adapter", "text_col": args.text_col, "label_col": args.label_col})
 
     def save_best(m):
+        if not main:
+            return
         if full:
             save_model(m, tok, out / "best", best=True)
         else:
@@ -116,7 +125,9 @@ def run_finetune(args) -> dict:
                       best=max((m.get("accuracy", -math.inf) for _, m in prior), default=-math.inf)
                       if best_dir_ok else -math.inf)
     result = train(model, train_enc, task.collate, task.loss, cfg, eval_fn=keeper, checkpoint_dir=ckpt,
-                   resume=args.resume, progress=not args.no_progress, desc=args.method)
+                   resume=args.resume, progress=main and not args.no_progress, desc=args.method)
+    if not main:  # the other ranks hold the same weights; rank 0 writes them
+        return {"method": args.method, "rank": rd.rank()}
     if full:
         save_model(model, tok, out / "model")
     else:

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the head and adapter inits, the batch order and dropout (not of the split)")
     f.add_argument("--out", required=True, help="output folder (see above)")
     f.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
+    f.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl on "
+                        "CUDA); --batch-size is the global micro-batch, split evenly; rank 0 writes the outputs")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     m = sub.add_parser("methods", help="list registered methods")
@@ -219,7 +222,9 @@ COMMANDS: dict[str, str] = {"merge": "rankwise.cli.merge", "compress": "rankwise
 def run(argv=None):
     """Parse ``argv`` and run the command; return its result (or an exit code) and let errors raise."""
     parser = build_parser()
-    return _dispatch(parser, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # --nproc re-runs the same command under torchrun
+    return _dispatch(parser, args)
 
 
 def _dispatch(parser, args):
@@ -261,6 +266,7 @@ def main(argv=None) -> int:
     """The ``rankwise`` entry point: run the command; an error is one line on stderr and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # --nproc re-runs the same command under torchrun
     try:
         result = _dispatch(parser, args)
     except KeyboardInterrupt:

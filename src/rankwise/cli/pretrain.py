@@ -489,12 +489,22 @@ def _sync_frozen(model, checkpoint: Path) -> None:
 
 
 def run_pretrain(args) -> dict:
+    from ..core import distributed as rd
     from ..io.atomic import save_tensors, write_json, write_text
     from ..optim import state_bytes
     from ..train import TrainConfig, has_checkpoint, train
     from ..utils.memory import PeakRSS, release_free_memory
     from ..utils.table import format_table
 
+    nproc = getattr(args, "nproc", 1) or 1
+    if nproc > 1 and getattr(args, "skip_spikes", False):
+        raise ConfigError("pretrain: --skip-spikes with --nproc > 1 would drop a step on one process only (each sees "
+                          "its own part of the batch); drop --skip-spikes, or use --nproc 1.")
+    if nproc > 1 and not rd.launched():  # re-run this command on N processes through torchrun
+        _check_out(args.out)
+        return rd.relaunch(nproc, args._argv)
+    rd.init_from_env()  # under torchrun / accelerate launch: join the group (train() then wraps in DDP)
+    main = rd.is_main()  # only rank 0 writes
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _check_out(args.out)
@@ -544,16 +554,18 @@ def run_pretrain(args) -> dict:
     else:
         before = evaluate(model)
         record["valid before"] = before
-        _clear_stale(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run.json", record)  # before any checkpoint: a resume checks it
+        if main:
+            _clear_stale(out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "run.json", record)  # before any checkpoint: a resume checks it
+        rd.barrier()
     guard = SpikeGuard(lm_loss, args.spike_factor, args.spike_window, args.skip_spikes, history=history,
                        start_step=start)
     checkpoint = out / "checkpoint" if (args.checkpoint_every or resume) else None
     release_free_memory()
     with PeakRSS() as peak:
         result = train(model, train_data, collate, guard, cfg, eval_fn=evaluate, optimizer=opt,
-                       progress=not args.no_progress, desc=title, lr_lambda=_schedule(model, kind, cfg),
+                       progress=main and not args.no_progress, desc=title, lr_lambda=_schedule(model, kind, cfg),
                        checkpoint_dir=checkpoint, resume=resume)
     final = result.evals[-1][1]
     state = state_bytes(opt, model)["total"]
@@ -579,6 +591,8 @@ def run_pretrain(args) -> dict:
         "tokens/s": round(train_tokens / max(result.wall_time, 1e-9), 1),
         "spikes": len(guard.spikes),
     }
+    if not main:  # the other ranks hold the same weights; rank 0 writes them
+        return row
     note = _param_note(kind, model)
     if kind not in ("full", "cola"):  # a plain LLaMA state dict (CoLA has no dense weight: kept factorized)
         from ..pretrain import to_dense
@@ -706,6 +720,9 @@ def add_parser(sub) -> None:
     p.add_argument("--skip-spikes", action="store_true", help="drop the update of a loss-spike step")
     p.add_argument("--hf", action="store_true",
                    help="also write out/hf: a plain dense Hugging Face model folder (rankwise.pretrain.export_dense)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl "
+                        "on CUDA); --batch-size is the global batch, split evenly; rank 0 writes the outputs")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
 

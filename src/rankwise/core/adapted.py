@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNotFoundError, ConfigError
+from .distributed import layer_delta
 from .layers import LayerView
 
 MERGED_KEY = "rankwise_merged."  # state_dict key prefix of an adapter merged into base.weight
@@ -148,7 +149,7 @@ class AdaptedLayer(nn.Module):
         names = [n for n in (self.active if names is None else names) if n not in self.merged]
         for n in names:
             self._check(n)
-            delta = self.adapters[n].delta_weight().to(self.base.weight.dtype)
+            delta = layer_delta(self, n)  # under FSDP2: this rank's shard of the whole ΔW (core/distributed.py)
             if self.adapters[n].reads_base:
                 self._merged_delta[n] = delta.detach().clone()
             self.base.weight.add_(delta)  # in place under no_grad: bumps the version counter (caches of W0 see it)
@@ -158,7 +159,7 @@ class AdaptedLayer(nn.Module):
     def unmerge(self, names=None) -> None:
         names = list(reversed(self.merged)) if names is None else [n for n in names if n in self.merged]
         for n in names:
-            self.base.weight.sub_(self._delta(n).to(self.base.weight.dtype))
+            self.base.weight.sub_(layer_delta(self, n))
             self._merged_delta.pop(n, None)
             self.merged.remove(n)
 

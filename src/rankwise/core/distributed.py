@@ -7,12 +7,32 @@
   into ``DTensor`` shards. :func:`full` gathers one (a collective: every process must call the code
   that calls it — ``rw.save`` of a sharded model runs on every rank, and only rank 0 writes, so the
   saved adapter is complete, never the local shard or empty).
+* Merging into a sharded weight (``rw.merge`` / ``rw.unmerge`` on every rank):
+  :func:`layer_delta` gathers the adapter's factors (and ``W0`` for a method that reads it),
+  computes the whole ``ΔW`` exactly as one process would, and keeps the local shard that matches
+  the weight's placements (``distribute_tensor(..., src_data_rank=None)``: every rank computed the
+  same ``ΔW``, so no data moves); each rank then adds its shard in place. The merged weight is
+  therefore bitwise the single-process one, whatever the method's ops (no reliance on DTensor
+  support for them).
+* :func:`full_state_dict` gathers a whole state dict (on every rank), optionally as the plain
+  model's (``dense=True``: adapters merged, rankwise's wrappers removed), for rank 0 to save.
+
+Helpers for launched processes (``torchrun``, ``accelerate launch``): :func:`init_from_env` joins
+the process group the launcher describes (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` in the
+environment; gloo on CPU, nccl on CUDA), :func:`torchrun_command` builds the command that runs a
+module on ``n`` local processes through ``torch.distributed.run``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -36,8 +56,201 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def initialized() -> bool:
+    """Whether a ``torch.distributed`` process group is initialized in this process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank() -> int:
     """This process's rank (0 without ``torch.distributed``)."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes outputs (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when several processes run, else nothing."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def is_fsdp_sharded(model: nn.Module) -> bool:
+    """Whether some parameter of ``model`` is a ``DTensor`` (FSDP2 ``fully_shard`` or tensor parallel)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------- merging
+@contextlib.contextmanager
+def gathered(*modules: nn.Module | None):
+    """Inside the block, every ``DTensor`` parameter of ``modules`` (and their submodules) is replaced
+    by its whole tensor (all-gathered: a collective, so every rank must enter the block); the shards
+    are put back on exit. Plain parameters are left as they are."""
+    swapped = []
+    try:
+        for module in modules:
+            if module is None:
+                continue
+            for sub in module.modules():
+                for name, p in list(sub._parameters.items()):
+                    if p is not None and is_sharded(p):
+                        sub._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                        swapped.append((sub, name, p))
+        yield
+    finally:
+        for sub, name, p in reversed(swapped):
+            sub._parameters[name] = p
+
+
+def shard_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (whole, identical on every rank) laid out like ``ref``: for a ``DTensor`` ``ref`` the
+    ``DTensor`` of ``t`` with ``ref``'s mesh and placements, built from each rank's own copy (no
+    communication); otherwise ``t``."""
+    if not is_sharded(ref):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def layer_delta(layer: nn.Module, name: str) -> torch.Tensor:
+    """``ΔW`` of adapter ``name`` of an ``AdaptedLayer`` in the layout and dtype of ``layer.base.weight``.
+
+    Unsharded: the adapter's ``delta_weight()``. Sharded (FSDP2): computed from the gathered factors
+    (and the gathered ``W0`` for a method with ``reads_base``), then cut to the weight's local shard
+    (:func:`shard_like`) — a collective, so every rank calls it for the same layers in the same order.
+    A ``ΔW`` kept at merge time (``reads_base`` methods) is returned as kept.
+    """
+    w = layer.base.weight
+    kept = layer._merged_delta.get(name)
+    if kept is not None:
+        return kept.to(w.dtype)
+    adapter = layer.adapters[name]
+    if not (is_sharded(w) or any(is_sharded(p) for p in adapter.parameters())):
+        return adapter.delta_weight().to(w.dtype)
+    try:
+        with gathered(adapter, layer.base if adapter.reads_base else None):
+            delta = full(adapter.delta_weight()).to(w.dtype)
+    except (RuntimeError, NotImplementedError) as e:
+        raise ConfigError(
+            f"module '{layer.view.name}': could not compute ΔW of adapter '{name}' from its gathered shards "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). A tensor it reads outside the layer "
+            "(a shared basis) may be sharded separately: keep such modules out of fully_shard, or merge on a full "
+            "copy: rw.save(model, dir) on every rank, then rw.load onto an unsharded base and rw.merge there."
+        ) from None
+    if is_sharded(w) and tuple(delta.shape) != tuple(w.shape):
+        raise ConfigError(f"module '{layer.view.name}': ΔW of adapter '{name}' has shape {tuple(delta.shape)}, the "
+                          f"sharded weight {tuple(w.shape)}; this adapter cannot be merged into it.")
+    return shard_like(delta, w)
+
+
+# --------------------------------------------------------------------------------------- state dicts
+def full_state_dict(model: nn.Module, *, dense: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` with every ``DTensor`` gathered — a collective: call it on **every**
+    rank (each gets the whole dict; save it from rank 0). A DDP wrapper's ``module.`` prefix is dropped.
+
+    ``dense=True``: the state dict of the plain model, as ``rw.unadapt(model, merge=True).state_dict()``
+    would give, without changing the model: each adapted layer contributes its base layer's
+    tensors under the layer's own name (``q_proj.base.weight`` → ``q_proj.weight``; adapters and
+    merge markers dropped), a module trained per adapter (``modules_to_save``) its active copy.
+    Every active adapter must be merged first (``rw.merge(model)`` on every rank), otherwise the
+    weights would lack their updates: a :class:`~rankwise.errors.ConfigError` says so before
+    anything is gathered.
+    """
+    model = unwrap(model)
+    if not dense:
+        return {k: full(v).detach() for k, v in model.state_dict().items()}
+    from .adapted import MERGED_KEY, AdaptedLayer, TrainedCopies
+
+    rename: dict[str, str | None] = {}  # key prefix -> new prefix (None: dropped)
+    for mname, module in model.named_modules():
+        at = f"{mname}." if mname else ""
+        if isinstance(module, AdaptedLayer):
+            live = [n for n in module.active if n not in module.merged]
+            if live:
+                raise ConfigError(f"full_state_dict(dense=True): adapter(s) {live} of module '{mname}' are not merged, "
+                                  "so the dense weights would lack their updates; call rw.merge(model) on every rank "
+                                  "first (rw.unmerge afterwards to train on).")
+            rename.update({f"{at}base.": at, f"{at}adapters.": None, f"{at}{MERGED_KEY}": None})
+        elif isinstance(module, TrainedCopies):
+            keep = f"copies.{module.active}." if module.active in module.copies else "original."
+            rename.update({f"{at}{other}": None for other in ("original.", *(f"copies.{n}." for n in module.copies))})
+            rename[f"{at}{keep}"] = at
+    prefixes = sorted(rename, key=len, reverse=True)  # the innermost module's prefix first
+    out = {}
+    for key, value in model.state_dict().items():
+        value = full(value).detach()  # gathered whatever its fate: every rank takes part in the same order
+        new = key
+        while new is not None:  # nested wrappers (a trained copy holding an adapted layer): until none applies
+            prefix = next((p for p in prefixes if new.startswith(p)), None)
+            if prefix is None:
+                break
+            new = None if rename[prefix] is None else rename[prefix] + new[len(prefix):]
+        if new is not None:
+            out[new] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------- launching
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
+    environment (``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR``/``MASTER_PORT``): backend ``nccl`` when
+    CUDA is available (each process on ``cuda:LOCAL_RANK``), else ``gloo``. Returns whether a group
+    with several processes is now initialized (already initialized: nothing is done)."""
+    import torch.distributed as dist
+
+    if initialized():
+        return world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher for a multi-process run (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m module args…``: ``nproc``
+    local processes on one machine (a free rendezvous port is picked: ``--standalone``)."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"torchrun_command: nproc={nproc!r} must be an int >= 1 (processes on this machine).")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", module, *args]
+
+
+def relaunch(nproc: int, argv: list[str], module: str = "rankwise.cli.main") -> int:
+    """Run ``python -m module argv…`` on ``nproc`` local processes through ``torch.distributed.run``
+    (:func:`torchrun_command`); wait, and return its exit code (non-zero if any process failed)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in argv:  # the processes need no --nproc (the launcher's WORLD_SIZE says it), and torchrun's own
+        if skip:     # parser would take "--nproc" for an abbreviation of its --nproc-per-node
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    return subprocess.call(torchrun_command(nproc, module, args))

@@ -108,7 +108,7 @@ class APOLLO(LowRankOptimizer):
     def _random_low(self, p, group, state, grad):
         """Project with a Gaussian matrix regenerated from the current seed (refresh every T steps)."""
         side = resolve_side(group["proj_type"], grad.shape)
-        if "proj_seed" not in state or state["step"] % group["update_proj_gap"] == 0:
+        if "proj_seed" not in state or (state["step"] - self.refresh_offset(p, group, state)) % group["update_proj_gap"] == 0:
             seed = state.get("proj_next_seed", self.projector_kwargs(p, group)["seed"])
             state["proj_seed"], state["proj_next_seed"] = seed, next_seed(seed)
             state.pop("proj_basis", None)

@@ -49,8 +49,10 @@ Kinds (``make_projector(kind, ...)``):
                     basis moves at every step, the optimizers refuse ``subspace_change="reset"``.
 
 Refresh schedule: ``update(grad, step)`` recomputes the basis when it is missing or when
-``step % update_gap == 0`` (``step`` counts from 0, as in galore-torch), and returns whether it
-did (``online_pca`` moves its basis at every call, see above). A per-parameter gap stored in the
+``(step − offset) % update_gap == 0`` (``step`` counts from 0, as in galore-torch; ``offset`` is
+``state["proj_offset"]``, 0 unless the optimizer staggers the refreshes of its matrices — option
+``stagger_refresh``, see :mod:`rankwise.optim._common`), and returns whether it did
+(``online_pca`` moves its basis at every call, see above). A per-parameter gap stored in the
 state (``proj_gap``) overrides ``update_gap`` (Q-GaLore's lazy updates grow it).
 
 State: everything a projector needs between steps lives in the dict ``state`` it is bound to
@@ -192,7 +194,7 @@ class Projector:
 
     def due(self, step: int) -> bool:
         gap = int(self.state.get("proj_gap", self.update_gap))
-        return not self._thin_known() or step % gap == 0
+        return not self._thin_known() or (step - int(self.state.get("proj_offset", 0))) % gap == 0
 
     def _thin_known(self) -> bool:
         return "proj_basis" in self.state
