@@ -17,7 +17,8 @@ pickling, ``torch.compile`` (whose wrapper only adds its ``_orig_mod.`` prefix) 
 
 Reparameterizations here (one file each): ``weight_compander`` (:mod:`.weight_compander`). The methods
 of the same section that keep a frozen base plus a trainable update are adapter methods instead
-(``rw.adapt(model, "intrinsic", ...)``: ``rankwise/methods/intrinsic.py``).
+(``rw.adapt(model, "intrinsic", ...)``: ``rankwise/methods/intrinsic.py``; likewise ``sara``, ``pego``,
+``mask_tuning`` and ``pst`` in ``rankwise/methods/``).
 """
 
 from __future__ import annotations
