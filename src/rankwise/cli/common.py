@@ -129,6 +129,15 @@ def is_model_dir(path: Path) -> bool:
         return False
 
 
+def has_rankwise_report(folder: Path) -> bool:
+    """``folder/report.md`` opens with a rankwise title: the folder is an earlier rankwise output."""
+    try:
+        with open(Path(folder) / "report.md", encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith("# rankwise")
+    except OSError:
+        return False
+
+
 def check_out(out, command: str, names: tuple[str, ...], adapters: tuple[str, ...] = (),
               models: tuple[str, ...] = ()) -> Path:
     """Check ``--out`` before any work: a folder that is new, empty, or an earlier output of a rankwise
@@ -140,14 +149,8 @@ def check_out(out, command: str, names: tuple[str, ...], adapters: tuple[str, ..
     from ..train import CHECKPOINT_NAMES, has_checkpoint
 
     def ours(folder: Path) -> bool:
-        try:
-            with open(folder / "report.md", encoding="utf-8", errors="replace") as f:
-                if f.readline().startswith("# rankwise"):
-                    return True
-        except OSError:
-            pass
-        return (has_checkpoint(folder / "checkpoint") or any(is_adapter_dir(folder / a) for a in adapters)
-                or any(is_model_dir(folder / m) for m in models))
+        return (has_rankwise_report(folder) or has_checkpoint(folder / "checkpoint")
+                or any(is_adapter_dir(folder / a) for a in adapters) or any(is_model_dir(folder / m) for m in models))
 
     for sub in dict.fromkeys(adapters + models):  # the folders first: their message names the user's file
         kinds = [(ADAPTER_NAMES, is_adapter_dir, "adapter")] if sub in adapters else []

@@ -398,15 +398,10 @@ def _check_out(out) -> Path:
     from ..io.atomic import check_output_dir
     from ..pretrain.io import HF_NAMES, is_hf_dir
     from ..train import CHECKPOINT_NAMES, has_checkpoint
+    from .common import has_rankwise_report
 
     def ours(folder: Path) -> bool:
-        try:
-            with open(folder / "report.md", encoding="utf-8", errors="replace") as f:
-                if f.readline().startswith("# rankwise"):
-                    return True
-        except OSError:
-            pass
-        return has_checkpoint(folder / "checkpoint") or _read_record(folder) is not None
+        return has_rankwise_report(folder) or has_checkpoint(folder / "checkpoint") or _read_record(folder) is not None
 
     check_output_dir(Path(out) / "checkpoint", CHECKPOINT_NAMES, "rankwise pretrain --out: checkpoint folder",
                      lambda d: (d / "trainer_state.json").is_file())
@@ -675,7 +670,7 @@ def _plot(path: Path, losses: list[float], evals, title: str) -> None:
 
 def add_parser(sub) -> None:
     """Register ``rankwise pretrain`` on the CLI's subparsers."""
-    from .main import positive_int
+    from .main import nonneg_int, positive_int
 
     p = sub.add_parser("pretrain", help="pretrain a small LLaMA on the stdlib's source with a memory-efficient "
                                         "optimizer; writes report.md, loss_curve.png, model.safetensors")
@@ -709,7 +704,7 @@ def add_parser(sub) -> None:
     p.add_argument("--valid-tokens", type=positive_int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    p.add_argument("--checkpoint-every", type=_nonneg_int, default=0,
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=0,
                    help="write out/checkpoint every N steps and at the end (0: none; atomic, exact resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue from out/checkpoint (same settings as the run that wrote it)")
@@ -727,16 +722,6 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _nonneg_int(s: str) -> int:
-    import argparse
-
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
-    return v
 
 
 def _rank(s: str):

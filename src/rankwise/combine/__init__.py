@@ -32,10 +32,10 @@ import numbers
 import torch
 from torch import nn
 
-from ..core.api import adapted_layers, adapter_state
-from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, close_names
+from ..core.api import adapted_layers
+from ..errors import ConfigError, close_names
 from . import eigenlora, iso, knots, linear, lora_lego, soups, ties
-from .engine import REQUIRED, build_lora, head_states, layer_inputs
+from .engine import REQUIRED, build_lora, check_inputs, head_states, layer_inputs
 
 _FAMILIES = (linear, ties, iso, knots, lora_lego, soups, eigenlora)
 METHODS: dict[str, tuple] = {}
@@ -82,27 +82,10 @@ def _check_options(method: str, defaults: dict, given: dict) -> dict:
 
 
 def _check_inputs(model, adapters, weights, name, method, spec) -> tuple[list[str], list[float] | None]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"combine() needs the nn.Module that holds the adapters; got {type(model).__name__}.")
     if method not in METHODS:
         raise ConfigError(f"unknown combine method {method!r}; choose one of {sorted(METHODS)}."
                           + close_names(str(method), METHODS))
-    if isinstance(adapters, str) or not hasattr(adapters, "__iter__"):
-        raise ConfigError(f"adapters={adapters!r}: give a list of adapter names, e.g. ['task_a', 'task_b'].")
-    adapters = list(adapters)
-    state = adapter_state(model)
-    if not adapters:
-        raise ConfigError("combine() got an empty list of adapters; name at least one adapter on the model "
-                          f"(it has {sorted(state) or 'none'}).")
-    for a in adapters:
-        if a not in state:
-            raise AdapterNotFoundError(f"model has no adapter '{a}' to combine; it has {sorted(state) or 'none'}."
-                                       + close_names(str(a), state))
-    if not isinstance(name, str) or not name or "." in name or "/" in name:
-        raise ConfigError(f"name {name!r} of the combined adapter must be a non-empty string without '.' or '/'.")
-    if name in state:
-        raise AdapterExistsError(f"model already has an adapter named '{name}'; pick another name for the "
-                                 f"combined adapter, or rw.delete(model, '{name}') first.")
+    adapters = check_inputs(model, adapters, name, "combine", "an input", "['task_a', 'task_b']")
     if weights is None:
         if not spec[3:4] == ("uniform",):
             raise ConfigError(f"method '{method}' needs weights, one number per adapter (e.g. "

@@ -31,11 +31,36 @@ import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer
-from ..core.api import adapt, adapted_layers, exact_targets, trained_copies
+from ..core.api import adapt, adapted_layers, adapter_state, exact_targets, trained_copies
 from ..core.layers import LayerView
 from ..core.registry import get_method
-from ..errors import ShapeMismatchError
+from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, ShapeMismatchError, close_names
 from ..linalg import compute_dtype
+
+
+def check_inputs(model: nn.Module, adapters, name, caller: str, role: str, example: str) -> list[str]:
+    """The checks ``rw.combine`` and ``rw.compose.mixture`` share, before anything changes: a model,
+    a non-empty list of existing adapter names (``role``: what they are used as), and a free,
+    valid ``name`` for the result. Returns the list of names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}() needs the nn.Module that holds the adapters; got {type(model).__name__}.")
+    if isinstance(adapters, str) or not hasattr(adapters, "__iter__"):
+        raise ConfigError(f"adapters={adapters!r}: give a list of adapter names, e.g. {example}.")
+    adapters = list(adapters)
+    state = adapter_state(model)
+    if not adapters:
+        raise ConfigError(f"{caller}() got an empty list of {role}s; name at least one adapter on the model "
+                          f"(it has {sorted(state) or 'none'}).")
+    for a in adapters:
+        if a not in state:
+            raise AdapterNotFoundError(f"model has no adapter '{a}' to use as {role}; it has "
+                                       f"{sorted(state) or 'none'}." + close_names(str(a), state))
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ConfigError(f"name {name!r} of the result of {caller}() must be a non-empty string without '.' or '/'.")
+    if name in state:
+        raise AdapterExistsError(f"model already has an adapter named '{name}'; pick another name for the "
+                                 f"result of {caller}(), or rw.delete(model, '{name}') first.")
+    return adapters
 
 REQUIRED = object()  # an option a method cannot do without (``density`` for TIES / DARE)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..combine.engine import Factors, build_lora, head_states, layer_inputs
+from ..combine.engine import Factors, build_lora, check_inputs, head_states, layer_inputs
 from ..core.api import adapt, adapted_layers, adapter_state, exact_targets
 from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, close_names
 from ..methods.mole import Mole, MoleConfig
@@ -74,26 +74,9 @@ def mixture(model: nn.Module, adapters, name: str = "mixture", *, router: str = 
     here, ``top_k`` above the number of adapters, adapters that do not fit their modules (another
     base model) — raises before anything changes.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"mixture() needs the nn.Module that holds the adapters; got {type(model).__name__}.")
-    if isinstance(adapters, str) or not hasattr(adapters, "__iter__"):
-        raise ConfigError(f"adapters={adapters!r}: give a list of adapter names, e.g. ['math', 'code'].")
-    adapters = list(adapters)
-    state = adapter_state(model)
-    if not adapters:
-        raise ConfigError("mixture() got an empty list of experts; name at least one adapter on the model "
-                          f"(it has {sorted(state) or 'none'}).")
-    for a in adapters:
-        if a not in state:
-            raise AdapterNotFoundError(f"model has no adapter '{a}' to use as an expert; it has "
-                                       f"{sorted(state) or 'none'}." + close_names(str(a), state))
+    adapters = check_inputs(model, adapters, name, "mixture", "an expert", "['math', 'code']")
     if len(set(adapters)) != len(adapters):
         raise ConfigError(f"adapters={adapters} names an adapter twice; give each expert once.")
-    if not isinstance(name, str) or not name or "." in name or "/" in name:
-        raise ConfigError(f"name {name!r} of the mixture must be a non-empty string without '.' or '/'.")
-    if name in state:
-        raise AdapterExistsError(f"model already has an adapter named '{name}'; pick another name for the "
-                                 f"mixture, or rw.delete(model, '{name}') first.")
     bad = sorted(set(options) - set(MIXTURE_OPTIONS))
     if bad:
         raise ConfigError(f"mixture() takes no option(s) {bad} (the experts set rank, experts and shared A); "

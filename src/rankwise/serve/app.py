@@ -144,9 +144,10 @@ def create_app(engine: Engine, *, base_name: str, token: str | None = None, max_
             raise ApiError(422, f"'{key}' must be {kind} in [{lo}, {hi}]; got {v!r}.", param=key)
         return v
 
-    async def run_job(job: Job):
+    def submit(job: Job):
+        """Queue ``job``; a full queue or a closing server is a 503 with Retry-After."""
         try:
-            fut = engine.submit(job)
+            return engine.submit(job)
         except QueueFull as e:
             metrics.inc("rejected_total", reason="queue_full")
             raise ApiError(503, f"server busy: {e}; retry shortly.", "server_error", code="queue_full",
@@ -154,6 +155,9 @@ def create_app(engine: Engine, *, base_name: str, token: str | None = None, max_
         except Closed:
             raise ApiError(503, "the server is shutting down.", "server_error", code="shutting_down",
                            headers={"Retry-After": "5"}) from None
+
+    async def run_job(job: Job):
+        fut = submit(job)
         try:
             return await asyncio.wrap_future(fut)
         except AdapterNotFoundError as e:
@@ -275,17 +279,7 @@ def create_app(engine: Engine, *, base_name: str, token: str | None = None, max_
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.on_tokens = lambda k, t, why: loop.call_soon_threadsafe(events.put_nowait, (k, t, why))
-        fut = None
-        try:
-            fut = engine.submit(job)
-        except QueueFull as e:
-            metrics.inc("rejected_total", reason="queue_full")
-            raise ApiError(503, f"server busy: {e}; retry shortly.", "server_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except Closed:
-            raise ApiError(503, "the server is shutting down.", "server_error", code="shutting_down",
-                           headers={"Retry-After": "5"}) from None
-        wrapped = asyncio.wrap_future(fut)
+        wrapped = asyncio.wrap_future(submit(job))
 
         async def sse():
             toks = [[] for _ in items]
