@@ -108,6 +108,7 @@ def test_read_jsonl(tmp_path):
 
 
 def test_read_table_errors(tmp_path):
+    """Reliability case D1."""
     csv_path = tmp_path / "d.csv"
     csv_path.write_text("sentence,tag\nhi,pos\n")
     with pytest.raises(ConfigError) as e:

@@ -65,6 +65,7 @@ def _bert_other(**kw):
 
 # ---- targets --------------------------------------------------------------------------------------
 def test_unknown_target_suggests_close_names(bert):
+    """Reliability case A2."""
     model = bert()
     before = _fingerprint(model)
     with pytest.raises(TargetError) as e:
@@ -75,6 +76,7 @@ def test_unknown_target_suggests_close_names(bert):
 
 
 def test_target_matching_nothing(bert):
+    """Reliability case A3."""
     with pytest.raises(TargetError, match="selects no adaptable layer"):
         rw.adapt(bert(), "lora", rank=2, targets=r".*nothing_here.*")
     with pytest.raises(TargetError, match="selects no adaptable layer"):
@@ -82,6 +84,7 @@ def test_target_matching_nothing(bert):
 
 
 def test_bad_regex(bert):
+    """Reliability case A3."""
     with pytest.raises(TargetError, match=re.escape("'query[('")):
         rw.adapt(bert(), "lora", rank=2, targets="query[(")
 
@@ -171,6 +174,7 @@ def test_method_reusing_another_methods_config_is_refused(monkeypatch):
 
 # ---- config values ----------------------------------------------------------------------------------
 def test_rank_too_large_for_layer():
+    """Reliability case A4."""
     model = nn.Sequential(nn.Linear(16, 32))  # weight 32x16
     with pytest.raises(ConfigError) as e:
         rw.adapt(model, "lora", rank=64, targets=["0"])
@@ -180,6 +184,7 @@ def test_rank_too_large_for_layer():
 
 
 def test_unknown_option_suggests_close_name(bert):
+    """Reliability case A8."""
     with pytest.raises(ConfigError) as e:
         rw.adapt(bert(), "lora", rnk=4)
     assert "'rnk'" in str(e.value) and "rank" in str(e.value)
@@ -191,6 +196,7 @@ def test_unknown_option_suggests_close_name(bert):
 @pytest.mark.parametrize("field,value", [("rank", 0), ("rank", -3), ("rank", 2.5), ("dropout", 1.5),
                                          ("dropout", -0.1), ("alpha", 0.0), ("init", "xavier")])
 def test_invalid_config_values(field, value):
+    """Reliability cases A4 and A5."""
     with pytest.raises(ConfigError) as e:
         rw.LoraConfig(**{field: value})
     assert f"{field}={value!r}" in str(e.value)
@@ -198,6 +204,7 @@ def test_invalid_config_values(field, value):
 
 
 def test_invalid_targets_value():
+    """Reliability case A2."""
     with pytest.raises(ConfigError, match="targets"):
         rw.LoraConfig(targets=[])
     with pytest.raises(ConfigError, match="targets"):
@@ -205,6 +212,7 @@ def test_invalid_targets_value():
 
 
 def test_unknown_method_suggests_close_names(bert):
+    """Reliability case A8."""
     with pytest.raises(MethodNotFoundError) as e:
         rw.adapt(bert(), "lroa", rank=2)
     assert "'lroa'" in str(e.value) and "lora" in str(e.value)
@@ -213,6 +221,7 @@ def test_unknown_method_suggests_close_names(bert):
 
 
 def test_adapt_rejects_non_module_and_bad_method_type():
+    """Reliability case A8."""
     with pytest.raises(TypeError, match="nn.Module"):
         rw.adapt("not a model", "lora")
     with pytest.raises(TypeError, match="method name"):
@@ -221,6 +230,7 @@ def test_adapt_rejects_non_module_and_bad_method_type():
 
 # ---- adapter names --------------------------------------------------------------------------------
 def test_duplicate_adapter_name(bert):
+    """Reliability case A1."""
     model = rw.adapt(bert(), "lora", rank=2, targets=["query"], name="task")
     before = _fingerprint(model)
     with pytest.raises(AdapterExistsError) as e:
@@ -231,11 +241,13 @@ def test_duplicate_adapter_name(bert):
 
 @pytest.mark.parametrize("name", ["", "a.b", "a/b"])
 def test_bad_adapter_name(bert, name):
+    """Reliability case A8."""
     with pytest.raises(ConfigError, match="adapter name"):
         rw.adapt(bert(), "lora", rank=2, targets=["query"], name=name)
 
 
 def test_unknown_adapter_name_in_api(bert):
+    """Reliability case A23."""
     model = rw.adapt(bert(), "lora", rank=2, targets=["query"], name="task_a")
     for call in (lambda: rw.set_active(model, "task_b"), lambda: rw.delete(model, "task_b"),
                  lambda: rw.merge(model, ["task_b"]), lambda: rw.set_active(model, ["task_a", "task_b"])):
@@ -268,6 +280,7 @@ def saved(bert, tmp_path):
 
 
 def test_load_onto_other_shapes(saved):
+    """Reliability case F12."""
     other = _bert_other(intermediate_size=48)
     before = _fingerprint(other)
     with pytest.raises(ShapeMismatchError) as e:
@@ -338,6 +351,7 @@ def test_load_unknown_adapter_name(saved, bert):
 
 
 def test_truncated_file(saved, bert):
+    """Reliability case F1."""
     w = saved / "adapter_model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
@@ -350,6 +364,7 @@ def test_truncated_file(saved, bert):
 
 
 def test_bit_flipped_file(saved, bert):
+    """Reliability case F3."""
     w = saved / "adapter_model.safetensors"
     data = bytearray(w.read_bytes())
     data[-5] ^= 0x10  # a flipped bit inside the tensor data: still parses, wrong values
@@ -362,6 +377,7 @@ def test_bit_flipped_file(saved, bert):
 
 
 def test_truncated_file_without_checksum(saved, bert):
+    """Reliability case F2."""
     cfg_file = saved / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     del cfg["weights_sha256"]
@@ -408,6 +424,7 @@ def _peft_dir(base, tmp_path, targets, **kw):
 
 
 def test_import_peft_onto_model_missing_module(bert, tmp_path):
+    """Reliability case E5."""
     d = _peft_dir(bert(), tmp_path, ["query"])
     other = _bert_other(num_hidden_layers=1)
     before = _fingerprint(other)
@@ -417,6 +434,7 @@ def test_import_peft_onto_model_missing_module(bert, tmp_path):
 
 
 def test_import_peft_onto_other_input_shape(bert, tmp_path):
+    """Reliability case E5."""
     d = _peft_dir(bert(), tmp_path, ["output.dense"])
     other = _bert_other(intermediate_size=48)  # output.dense: 32x64 in the file, 32x48 here
     before = _fingerprint(other)
@@ -438,6 +456,7 @@ def test_import_peft_onto_other_output_shape(bert, tmp_path):
 
 
 def test_import_peft_rejects_unsupported(bert, tmp_path):
+    """Reliability cases E1 and E7."""
     import peft
 
     with warnings.catch_warnings():  # IA3: a PEFT adapter type rankwise has no method for
@@ -455,6 +474,7 @@ def test_import_peft_rejects_unsupported(bert, tmp_path):
 
 
 def test_import_peft_missing_files(tmp_path, bert):
+    """Reliability case E6."""
     with pytest.raises(CorruptFileError, match="adapter_config.json"):
         rw.import_peft(bert(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))

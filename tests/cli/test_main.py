@@ -220,7 +220,7 @@ def test_method_options_keep_each_methods_demo_rank_unless_a_rank_is_given():
                                   "checkpoint as model", "bad rank"])
 def test_cli_errors_are_one_line_with_the_fix_and_exit_2(case, tiny_model_dir, tiny_csv, tmp_path, capsys):
     """Trial item 10: every error printed a 17-line traceback. Now: one line naming the problem and the
-    fix in terms of flags, exit code 2, nothing written."""
+    fix in terms of flags, exit code 2, nothing written. Reliability case T3."""
     out = tmp_path / "out"
     ft = ["finetune", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-col", "sentence",
           "--label-col", "topic", "--out", str(out), "--no-progress"]

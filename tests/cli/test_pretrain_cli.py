@@ -98,6 +98,7 @@ def test_every_optimizer_builds_and_steps(tmp_path):
 
 
 def test_pretrain_errors(tmp_path):
+    """Reliability case PT2."""
     with pytest.raises(ConfigError, match="unknown optimizer 'galor'.*galore"):
         cli(_args(tmp_path / "x", "--model-config", "llama-micro", "--optimizer", "galor"))
     with pytest.raises(ConfigError, match="unknown model config 'llama-tin'"):

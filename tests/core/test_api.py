@@ -122,6 +122,7 @@ def test_merge_by_name(two_adapters, token_batch):
 
 # ---- delete, unadapt ------------------------------------------------------------------------------
 def test_delete(two_adapters, token_batch):
+    """Reliability case A22."""
     base, model = two_adapters
     rw.set_active(model, ["a", "b"])
     rw.delete(model, "a")
@@ -571,6 +572,7 @@ def _leftovers(parent):
 
 
 def test_save_over_existing_dir_replaces_it(bert, tmp_path, token_batch, perturb, adapter_params_of):
+    """Reliability case W11."""
     base = bert()
     m1 = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["query"], name="first")
     m2 = rw.adapt(copy.deepcopy(base), "lora", rank=2, targets=["value"], name="second")
@@ -588,6 +590,7 @@ def test_save_over_existing_dir_replaces_it(bert, tmp_path, token_batch, perturb
 @pytest.mark.parametrize("where", ["safetensors", "json"])
 @pytest.mark.parametrize("writer", ["save", "export_peft"])
 def test_failed_save_leaves_old_dir_intact(bert, tmp_path, monkeypatch, where, writer):
+    """Reliability case DF1."""
     import safetensors.torch
 
     import rankwise.io.atomic as atomic

@@ -400,7 +400,8 @@ def _bf16_close(out, ref):
 @pytest.mark.parametrize("method,kind,seed", [c for c in CASES if c.values[2] == 0])
 def test_trains_with_bf16_weights(method, kind, seed):
     """Reliability case A12 (HRA crashed in bf16 / fp16). A bfloat16 model: adapter tensors in bf16, forward matches the weight view at bf16 precision,
-    one backward gives finite gradients on every adapter parameter and none on the base."""
+    one backward gives finite gradients on every adapter parameter and none on the base.
+    Reliability case A11."""
     layer, x = _make_layer(kind, seed)
     model = Net(layer.to(torch.bfloat16))
     x = _float_input(x, torch.bfloat16)

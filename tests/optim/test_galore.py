@@ -213,7 +213,8 @@ def test_full_rank_galore_is_adamw_in_the_rotated_coordinates():
 @pytest.mark.parametrize("style", ["torch", "hf"])
 def test_unprojected_parameters_take_the_adamw_step(style):
     """Groups without rank (and 1-D parameters in a rank group) take AdamW: torch.optim.AdamW's
-    formula for style 'torch', transformers' (ε on √v, decay after) for 'hf' — re-derived here."""
+    formula for style 'torch', transformers' (ε on √v, decay after) for 'hf' — re-derived here.
+    Reliability case O3."""
     X, Y, W0 = _lsq(seed=1)
     b0 = torch.randn(6, generator=_g(2), dtype=torch.float64)
     W, b = nn.Parameter(W0.clone()), nn.Parameter(b0.clone())
@@ -327,6 +328,7 @@ def test_galore_with_other_projectors_trains(kind, llama, single_thread):
 
 
 def test_optimizer_config_errors(llama):
+    """Reliability case O2."""
     model = llama(0)
     with pytest.raises(ConfigError, match="param group 1: rank=-1"):
         GaLoreAdamW(param_groups(model, rank=-1))
@@ -543,7 +545,8 @@ def test_state_dict_round_trip_resumes_exactly(kind, via, llama, single_thread, 
     loaded ones) (torch.save, then torch.load(weights_only=True) as the HF Trainer does; or
     rankwise's save_checkpoint / load_checkpoint), load into a fresh optimizer on a copy of the model:
     the next 3 steps are bitwise identical. Reliability case O9: through save_checkpoint every
-    SVD-basis optimizer drifted by 1e-7–4e-3 (a transposed basis came back contiguous)."""
+    SVD-basis optimizer drifted by 1e-7–4e-3 (a transposed basis came back contiguous).
+    Reliability case O8."""
     xs = [torch.randint(1, 100, (2, 12), generator=_g(40 + i)) for i in range(6)]
     model = llama(0).train()
     opt = _make(kind, model)

@@ -37,7 +37,7 @@ def test_state_bytes_analytic_for_projected_optimizers(single_thread):
 @pytest.mark.parametrize("name", ["apollo", "frugal", "gradnorm_lorp", "adafactor", "smmf"])
 def test_state_dict_round_trip_and_scheduler(single_thread, name, llama):
     """3 steps, save the state (``torch.load(weights_only=True)``), 3 more steps on a fresh optimizer
-    equal 6 uninterrupted steps; a LambdaLR scheduler drives every optimizer's ``lr``."""
+    equal 6 uninterrupted steps; a LambdaLR scheduler drives every optimizer's ``lr``. Reliability case O8."""
 
     def make(model):
         groups = ro.param_groups(model, rank=4, update_proj_gap=2)

@@ -178,6 +178,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     _check_layout(cfg, cfg_file)
     if cfg.get("format") != FORMAT:
         hint = " It looks like a PEFT adapter: use rw.import_peft()." if "peft_type" in cfg else ""
+        hint = hint or " It was edited or comes from another tool: save the adapter again with rw.save()."
         raise CorruptFileError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}.{hint}")
     digest = sha256(w_file)
     if cfg.get("weights_sha256") not in (None, digest):
