@@ -12,13 +12,25 @@ untouched. A checkpoint holds everything else the next step depends on (trainabl
 optimizer and scheduler state, RNG state), so a resumed run is bitwise identical to an
 uninterrupted one.
 
+Mixed precision (``TrainConfig(precision=...)``): ``"fp32"`` (default) runs as written; ``"bf16"`` and
+``"fp16"`` run ``loss_fn`` (the forward) under ``torch.autocast(device_type, dtype)``, with the device
+type of the model's first trainable parameter, and the backward, clipping and optimizer step outside it
+on the float32 weights (the usual AMP recipe, as in the PyTorch AMP guide and the Hugging Face
+Trainer's ``bf16=`` / ``fp16=``). ``"fp16"`` also scales the loss with ``torch.amp.GradScaler`` (float16's
+range is too narrow for small gradients): gradients are unscaled before clipping, a step whose
+gradients overflow is skipped by the scaler, which halves its scale (the AMP behaviour: such a step is
+listed in ``TrainResult.skipped`` and is not a non-finite *loss*), and the scaler's state is in the
+checkpoint, so a resume stays exact. ``eval_fn`` runs outside autocast. Trainable parameters must be
+float32 for ``"fp16"`` (GradScaler cannot unscale float16 gradients). Both work on CPU in torch ≥ 2.3.
+
 Checkpoint directory (written atomically, replacing the previous one; never pickle):
 
 - ``model.safetensors``: the trainable parameters by name (frozen ones come from the model).
 - ``optimizer.safetensors``: every tensor of the optimizer state (``state.<param_index>.<key>``),
   of its param groups and of the scheduler, and the RNG state (``rng.cpu``, ``rng.cuda.<i>``).
 - ``trainer_state.json``: the step, the non-tensor parts of the optimizer and scheduler state
-  (tensors appear as ``{"__tensor__": key}``), the config, and the loss/lr/eval history.
+  (tensors appear as ``{"__tensor__": key}``), the GradScaler state (``"scaler"``, fp16 only), the
+  config, and the loss/lr/eval history.
 
 Several processes (``torch.distributed`` initialized with world size ``w > 1``, e.g. under
 ``torchrun`` or ``accelerate launch``; ``rankwise finetune/pretrain --nproc N`` launch it):
@@ -81,6 +93,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "rankwise.train/1"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.precision -> autocast dtype
 
 
 @dataclass
@@ -98,6 +111,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = no periodic checkpoints (a final one is written if checkpoint_dir)
     seed: int = 0  # batch order and torch RNG (dropout)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (raise, last checkpoint kept) or "skip" the step
+    precision: str = "fp32"  # "fp32"; "bf16" / "fp16": the forward under torch.autocast (fp16 with a GradScaler)
 
     def __post_init__(self):
         _check_int("steps", self.steps, 1)
@@ -109,6 +123,9 @@ class TrainConfig:
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"TrainConfig: on_nonfinite={self.on_nonfinite!r}; use 'stop' (raise at the first NaN/inf "
                               "loss or gradient, keeping the last checkpoint) or 'skip' (drop that step's update).")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"TrainConfig: precision={self.precision!r}; use 'fp32' (no autocast), 'bf16' or "
+                              "'fp16' (the forward under torch.autocast in that dtype; fp16 adds loss scaling).")
         _check_float("lr", self.lr, "a learning rate >= 0, e.g. 1e-3")
         _check_float("weight_decay", self.weight_decay, "a decay >= 0, e.g. 0.01")
         _check_float("warmup", self.warmup, "a fraction of steps (< 1, e.g. 0.06) or a number of steps")
@@ -196,6 +213,27 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def _mixed_precision(model: nn.Module, params: list, config: TrainConfig):
+    """``(autocast context factory, GradScaler or None)`` for ``config.precision``; checked before training."""
+    dtype = PRECISIONS[config.precision]
+    if dtype is None:
+        return contextlib.nullcontext, None
+    device_type = params[0].device.type if params else "cpu"
+    if config.precision == "fp16":
+        low = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if low:
+            raise ConfigError(f"train: precision='fp16' needs float32 trainable parameters (GradScaler cannot unscale "
+                              f"float16 gradients), but {low[0]!r} is float16. Keep the trainable parameters in "
+                              "float32 (model.float(), or adapt a float32 model), or use precision='bf16'.")
+    try:
+        torch.autocast(device_type, dtype=dtype)
+    except RuntimeError as e:  # a device type without autocast in that dtype
+        raise ConfigError(f"train: precision={config.precision!r} is not available on {device_type!r} in torch "
+                          f"{torch.__version__} ({e}); use precision='fp32'.") from e
+    scaler = torch.amp.GradScaler(device_type) if config.precision == "fp16" else None
+    return (lambda: torch.autocast(device_type, dtype=dtype)), scaler
+
+
 def _checkpointed(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint holds: the trainable parameters, and every tensor (frozen parameters,
     persistent buffers) of a module with ``checkpoint_frozen = True`` — a module whose frozen state
@@ -267,6 +305,7 @@ def train(
     scheduler = (make_scheduler(optimizer, config) if lr_lambda is None
                  else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda))
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    autocast, scaler = _mixed_precision(model, params, config)
     batches = _BatchOrder(n, config.batch_size, config.seed, rank=me, world=world)
     bare = unwrap(model)
     ranked = has_rank_hooks(bare)
@@ -279,12 +318,15 @@ def train(
         step, losses, lrs, evals, skipped = 0, [], [], [], []
         digest = _fingerprint(train_data) if checkpoint_dir is not None else None
         if resume and has_checkpoint(checkpoint_dir):
-            done = int(_read_state(Path(checkpoint_dir)).get("step", 0))
+            saved_state = _read_state(Path(checkpoint_dir))
+            done = int(saved_state.get("step", 0))
             if done > config.steps:  # checked before anything is loaded: the model stays as it was
                 raise ConfigError(f"train: the checkpoint in {checkpoint_dir} is at step {done}, past steps="
                                   f"{config.steps}; resuming would return the {done}-step model as if it had "
                                   f"{config.steps}. Pass steps >= {done}, or another checkpoint_dir to start anew.")
-            step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+            # a checkpoint of another precision resumes with a fresh scaler (_history warns of the change)
+            resume_scaler = scaler if saved_state.get("scaler") is not None else None
+            step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler=resume_scaler)
             losses, lrs, evals = _history(checkpoint_dir, config, digest)
         model = _ddp(model, optimizer)  # after loading: every rank starts from the same weights
         model.train()
@@ -296,25 +338,30 @@ def train(
                 batch = collate([train_data[i] for i in batches[step * config.grad_accum + micro]])
                 sync = micro == config.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
                 with contextlib.nullcontext() if sync else model.no_sync():  # all-reduce on the last micro-batch
-                    loss = loss_fn(model, batch)
+                    with autocast():
+                        loss = loss_fn(model, batch)
                     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                         raise ConfigError(f"train: loss_fn must return a scalar tensor, got "
                                           f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)}; "
                                           "reduce it with .mean() over the batch.")
                     reg = rank_regularization(bare) if ranked else None  # e.g. AdaLoRA's orthogonality term
-                    ((loss if reg is None else loss + reg) / config.grad_accum).backward()
+                    scaled = (loss if reg is None else loss + reg) / config.grad_accum
+                    (scaled if scaler is None else scaler.scale(scaled)).backward()
                 total = loss.detach() if total is None else total + loss.detach()
             if world > 1:  # the logged loss (and the NaN check) is the mean over processes, the same on each
                 total = total.clone()
                 torch.distributed.all_reduce(total)
                 total = total / world
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip and check the true gradients
             # the loss and the gradient norm (clipped or not) read together: one host sync per step
             norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
             mean_loss, norm_value = torch.stack([(total / config.grad_accum).float(),
                                                  norm.float().to(total.device)]).tolist()
             lr = optimizer.param_groups[0]["lr"]
             finite = math.isfinite(mean_loss) and math.isfinite(norm_value)
-            if not finite and config.on_nonfinite == "stop":
+            overflow = scaler is not None and math.isfinite(mean_loss) and not finite  # fp16: the scaler's to handle
+            if not finite and not overflow and config.on_nonfinite == "stop":
                 kept = f" (the last checkpoint in {checkpoint_dir} is intact)" if checkpoint_dir is not None else ""
                 raise NonFiniteLossError(
                     f"train: step {step + 1} has loss {mean_loss} and gradient norm {norm_value} at lr {lr:.3g}; "
@@ -322,10 +369,12 @@ def train(
                     "on (max_grad_norm), check the data for empty or extreme examples, or pass "
                     "TrainConfig(on_nonfinite='skip') to drop such steps.")
             if finite:
-                optimizer.step()
-            else:  # on_nonfinite="skip": drop this step's update; the schedule moves on
+                optimizer.step() if scaler is None else scaler.step(optimizer)
+            else:  # on_nonfinite="skip", or an fp16 overflow: drop this step's update; the schedule moves on
                 optimizer.zero_grad(set_to_none=True)
                 skipped.append(step + 1)
+            if scaler is not None:
+                scaler.update()  # unscale_ recorded the overflow, if any: then it halves the scale
             step += 1
             if ranked and finite:  # rank allocation, SoRA's proximal step, LaMDA's freezing: needs this step's .grad
                 rank_step(bare, step, optimizer, total_steps=config.steps)  # and lr (before the scheduler moves it)
@@ -340,7 +389,8 @@ def train(
             if checkpoint_dir is not None and (step == config.steps or (
                     config.checkpoint_every and step % config.checkpoint_every == 0)):
                 save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, config=config,
-                                history={"losses": losses, "lrs": lrs, "evals": evals, "data": digest})
+                                history={"losses": losses, "lrs": lrs, "evals": evals, "data": digest},
+                                scaler=scaler)
         bar.close()
         if eval_fn is not None and (not evals or evals[-1][0] != step):
             evals.append((step, _evaluate(bare, eval_fn)))  # resumed at the end: nothing ran yet
@@ -461,12 +511,14 @@ def save_checkpoint(
     *,
     config: TrainConfig | None = None,
     history: dict | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (an existing one is replaced only once complete).
 
     Saves the trainable parameters of ``model`` (and the whole state of its modules marked
     ``checkpoint_frozen = True``, see :func:`_checkpointed`), the optimizer and scheduler state (either may be
-    ``None``), the torch RNG state, ``step``, and optionally the config and a JSON-able history.
+    ``None``), the torch RNG state, ``step``, and optionally the config, a JSON-able history and the
+    ``GradScaler`` state of an fp16 run (its scale and growth tracker: numbers, in the JSON).
     """
     directory = Path(directory)
     _check_replaceable(directory)
@@ -488,6 +540,7 @@ def save_checkpoint(
         "params": {name: list(p.shape) for name, p in params.items()},
         "optimizer": None if optimizer is None else _encode(optimizer.state_dict(), "", tensors),
         "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), "scheduler.", tensors),
+        "scaler": None if scaler is None else _encode(scaler.state_dict(), "scaler.", tensors),
         "config": None if config is None else dataclasses.asdict(config),
         "history": history,
         "world_size": world,
@@ -522,12 +575,14 @@ def _gather_rng() -> list[dict[str, torch.Tensor]]:
 
 
 def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None) -> int:
-    """Load a :func:`save_checkpoint` directory into ``model`` (and optimizer, scheduler); return the step.
+                    scheduler=None, *, scaler: torch.amp.GradScaler | None = None) -> int:
+    """Load a :func:`save_checkpoint` directory into ``model`` (and optimizer, scheduler, GradScaler);
+    return the step.
 
     Everything is checked before anything changes: a parameter whose name or shape differs
-    from the model's trainable ones raises :class:`~rankwise.errors.ShapeMismatchError`. Also
-    restores the torch RNG state saved with the checkpoint.
+    from the model's trainable ones raises :class:`~rankwise.errors.ShapeMismatchError`; a
+    ``scaler`` with a checkpoint that holds none (a run that was not fp16) raises
+    :class:`~rankwise.errors.CorruptFileError`. Also restores the torch RNG state saved with the checkpoint.
     """
     directory = Path(directory)
     fix = "load_checkpoint: the checkpoint is incomplete or damaged, write a new one."
@@ -544,6 +599,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         _check_groups(directory, opt_state, optimizer)
     if scheduler is not None and state.get("scheduler") is None:
         raise CorruptFileError(f"load_checkpoint: {directory} holds no scheduler state; pass scheduler=None.")
+    if scaler is not None and state.get("scaler") is None:
+        raise CorruptFileError(f"load_checkpoint: {directory} holds no GradScaler state (the run that wrote it was not "
+                               "precision='fp16'); resume with the precision it was trained in, or pass scaler=None.")
 
     with torch.no_grad():
         for name, p in params.items():
@@ -552,6 +610,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         optimizer.load_state_dict(opt_state)
     if scheduler is not None:
         scheduler.load_state_dict(_decode(state["scheduler"], extra))
+    if scaler is not None:
+        scaler.load_state_dict(_decode(state["scaler"], extra))
     torch.set_rng_state(extra["rng.cpu"])
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
