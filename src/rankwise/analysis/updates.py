@@ -193,7 +193,9 @@ def weight_pairs(base: nn.Module, adapted: nn.Module | None = None, layers: str 
             pairs[n] = (w0, dw)
     if not pairs:
         why = (f"; every selected layer was skipped: {next(iter(skipped.values()))}" if skipped else "")
-        raise TargetError(f"no layers to analyze (layers={layers!r}, exclude={sorted(exclude or [])}){why}")
+        raise TargetError(f"no layers to analyze (layers={layers!r}, exclude={sorted(exclude or [])}){why}; "
+                          "pass a layers pattern (regex) that matches some adapted or changed layers, or none "
+                          "to analyze them all.")
     return WeightPairs(pairs, skipped)
 
 

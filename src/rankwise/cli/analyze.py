@@ -48,7 +48,8 @@ def _is_peft(path: Path) -> bool:
     try:
         return "peft_type" in json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{cfg} is not valid JSON ({e}).") from None
+        raise CorruptFileError(f"{cfg} is not valid JSON ({e}); the adapter folder is damaged: save it again "
+                               "(rw.save / export_peft) or pass another --adapter.") from None
 
 
 def adapter_requirements(path: Path) -> tuple[list[str], dict[str, tuple]]:
