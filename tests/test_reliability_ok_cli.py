@@ -114,6 +114,21 @@ def test_pickled_model_weights_are_refused_unread(model_dir, data, tmp_path):
     assert not marker.exists()
 
 
+def test_pickled_model_weights_are_a_user_error_on_the_command_line(model_dir, data, tmp_path, capsys):
+    """Reliability case P7 through ``main``: one line naming the fix, exit 2 (not "unexpected error")."""
+    from rankwise.cli.main import main
+
+    evil = tmp_path / "evil"
+    shutil.copytree(model_dir, evil)
+    weights = load_file(str(evil / "model.safetensors"))
+    (evil / "model.safetensors").unlink()
+    torch.save({**weights, "payload": _Payload(tmp_path / "MARKER")}, evil / "pytorch_model.bin")
+    assert main(_finetune(evil, data, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "never unpickles" in err and "model.safetensors" in err
+    assert not (tmp_path / "MARKER").exists() and not (tmp_path / "out").exists()
+
+
 def test_auto_map_code_in_the_model_folder_is_never_imported(model_dir, data, tmp_path):
     """Reliability case P8: a model folder whose ``config.json`` has an ``auto_map`` to a local .py
     that creates a marker file when imported: ``finetune`` and ``analyze`` run it as the plain BERT it
@@ -411,3 +426,25 @@ def test_disk_full_during_a_resumed_run_keeps_the_last_checkpoint(tmp_path, monk
 
     resumed = train(_adapted(), _xy(), _collate, _ce, cfg, checkpoint_dir=ck, resume=True, progress=False)
     assert resumed.losses == want
+
+
+@pytest.mark.parametrize("change, field", [(["--method", "dora"], "method"), (["--method", "full"], "method"),
+                                           ("other labels", "id2label")])
+def test_resume_with_another_method_or_labels_leaves_the_run_loadable(model_dir, data, tmp_path, change, field):
+    """Reliability case R1 through the CLI: ``finetune --resume`` with another method or other labels is
+    refused before any file changes — ``labels.json`` was rewritten first, so the earlier run no
+    longer loaded. Oracle: every file of ``--out`` byte-identical, and ``load_run`` still works."""
+    from rankwise.cli.finetune import load_run
+
+    out = tmp_path / "out"
+    run(_finetune(model_dir, data, out))
+    before = _files(out)
+    if change == "other labels":
+        argv = _finetune(model_dir, write_csv(tmp_path / "other.csv", n=24, names=("a", "b", "c")), out)
+    else:
+        argv = [*_finetune(model_dir, data, out), *change]
+    with pytest.raises(ConfigError, match=rf"--resume: .* was trained with {field} = .*pass the same"):
+        run([*argv, "--resume"])
+    assert _files(out) == before
+    model, _ = load_run(out)
+    assert list(model.config.id2label.values()) == ["net", "text"]

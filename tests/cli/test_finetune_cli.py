@@ -93,6 +93,26 @@ def test_flags_reach_the_train_config(model_dir, data, tmp_path, monkeypatch):
     assert "| step |" in report and re.search(r"\|\s+2 \|.*\|\s+4 \|", report, re.S)  # evaluated at 2 and 4
 
 
+def test_precision_flag_reaches_the_train_config(model_dir, data, tmp_path, monkeypatch):
+    """``--precision`` (issue 18): fp32 by default, ``bf16`` reaches ``TrainConfig.precision``, anything else
+    is refused by the parser."""
+    import rankwise.train
+
+    assert build_parser().parse_args(args(model_dir, data, tmp_path / "d")).precision == "fp32"
+    seen = {}
+    real = rankwise.train.train
+
+    def spy(*a, **k):
+        seen["cfg"] = a[4]
+        return real(*a, **k)
+
+    monkeypatch.setattr(rankwise.train, "train", spy)
+    assert main(args(model_dir, data, tmp_path / "o", "--steps", "1", "--precision", "bf16")) == 0
+    assert seen["cfg"].precision == "bf16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args(model_dir, data, tmp_path / "x", "--precision", "fp8"))
+
+
 def test_validation_split_depends_on_split_seed_only(model_dir, data, tmp_path, monkeypatch):
     """Trial item 8: ``--seed`` changed the validation rows, so seeds were scored on different data."""
     seen = []

@@ -397,3 +397,37 @@ def test_a_fresh_run_removes_an_earlier_runs_checkpoint(tmp_path):
     assert not (out / "checkpoint").exists()
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         cli(_args(out, *base, "--parametrization", "sltrain", "--param-rank", "4", "--resume"))
+
+
+def test_precision_flag_reaches_the_train_config_and_a_bf16_run_finishes(tmp_path, monkeypatch):
+    """``--precision`` (issue 18): fp32 by default; ``bf16`` reaches ``TrainConfig.precision``, the forward
+    really runs under bfloat16 autocast (a hook sees the projections' outputs in bfloat16) and the run
+    ends with finite losses and a written model."""
+    import rankwise.train
+    from rankwise.cli.main import build_parser
+
+    out = tmp_path / "run"
+    assert build_parser().parse_args(_args(out)).precision == "fp32"
+    seen = {"dtypes": set()}
+    real = rankwise.train.train
+
+    def spy(model, *a, **k):
+        seen["cfg"] = a[3]
+        lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        handle = lin.register_forward_hook(lambda m, i, o: seen["dtypes"].add(o.dtype) if m.training else None)
+        try:
+            seen["result"] = real(model, *a, **k)
+        finally:
+            handle.remove()
+        return seen["result"]
+
+    monkeypatch.setattr(rankwise.train, "train", spy)
+    assert main(_args(out, "--model-config", str(_tiny(tmp_path)), "--optimizer", "adamw", "--steps", "3",
+                      "--precision", "bf16")) == 0
+    assert seen["cfg"].precision == "bf16"
+    assert seen["dtypes"] == {torch.bfloat16}
+    losses = seen["result"].losses
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(_args(out, "--precision", "fp8"))

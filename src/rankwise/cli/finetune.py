@@ -105,11 +105,13 @@ def run_finetune(args) -> dict:
     train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
     model = prepare(model, args.method, opts, head, args.seed,
                     **common.calibration_for(args.method, task, train_enc, args.batch_size))
-    if main:
-        write_json(out / LABELS_FILE, {
-            "format": LABELS_FORMAT, "id2label": {str(k): v for k, v in id2label.items()},
-            "label2id": {v: k for k, v in id2label.items()}, "base_model": str(args.model), "method": args.method,
-            "final": "model" if full else "adapter", "text_col": args.text_col, "label_col": args.label_col})
+    labels = {"format": LABELS_FORMAT, "id2label": {str(k): v for k, v in id2label.items()},
+              "label2id": {v: k for k, v in id2label.items()}, "base_model": str(args.model), "method": args.method,
+              "final": "model" if full else "adapter", "text_col": args.text_col, "label_col": args.label_col}
+    if main and args.resume and (out / LABELS_FILE).is_file():  # the run being resumed: must match, stays as it is
+        _check_resumed_labels(out, labels)
+    elif main:
+        write_json(out / LABELS_FILE, labels)
 
     def save_best(m):
         if not main:
@@ -181,7 +183,8 @@ def _train_config(args, default_lr: float, TrainConfig):
     lr = args.lr if args.lr is not None else default_lr
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
                        weight_decay=args.weight_decay, warmup=args.warmup, grad_accum=args.grad_accum,
-                       eval_every=args.eval_every, checkpoint_every=max(1, args.steps // 4))
+                       eval_every=args.eval_every, checkpoint_every=max(1, args.steps // 4),
+                       precision=getattr(args, "precision", "fp32"))
 
 
 def _same_labels(valid, names: list[str], path):
@@ -319,6 +322,19 @@ def load_run(out, which: str = "final", base: str | None = None):
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), tok
+
+
+def _check_resumed_labels(out: Path, labels: dict) -> None:
+    """``--resume`` with other labels, method or base model than the run in ``out``: refuse before any
+    file changes (``labels.json`` and the checkpoint keep describing the earlier run)."""
+    from ..errors import ConfigError
+    from ..io.atomic import read_json
+
+    prev = read_json(out / LABELS_FILE, f"is {out} the --out folder of rankwise finetune?")
+    for key, flag in (("method", "--method"), ("base_model", "--model"), ("id2label", "--data / --label-col")):
+        if prev.get(key) != labels[key]:
+            raise ConfigError(f"rankwise finetune --resume: {out} was trained with {key} = {prev.get(key)!r}, this run "
+                              f"has {labels[key]!r}; pass the same {flag} as that run, or another --out to start anew.")
 
 
 def _head_names(model) -> list[str]:

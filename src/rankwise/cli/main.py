@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=nonneg_int, default=0,
                    help="seed of the head and adapter inits, the batch order and dropout (not of the split)")
     f.add_argument("--out", required=True, help="output folder (see above)")
+    f.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32, or bf16 / fp16 mixed precision: the forward under torch.autocast, float32 weights and "
+                        "optimizer (fp16 with a loss scaler; rankwise.train.TrainConfig.precision) (default: fp32)")
     f.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
     f.add_argument("--nproc", type=positive_int, default=1,
                    help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl on "
@@ -286,9 +289,11 @@ def _prog(args) -> str:
 
 
 def _is_user_error(e: BaseException) -> bool:
+    import pickle
+
     from ..errors import RankwiseError
 
-    return isinstance(e, (RankwiseError, OSError, ImportError))
+    return isinstance(e, (RankwiseError, OSError, ImportError, pickle.UnpicklingError))
 
 
 def error_line(e: BaseException, parser: argparse.ArgumentParser, args) -> tuple[str, int]:
@@ -310,6 +315,12 @@ def _message(e: BaseException) -> str:
                 IsADirectoryError: "pass a file, not a folder", NotADirectoryError: "pass a folder"}
         fix = next((v for k, v in what.items() if isinstance(e, k)), "check the path")
         return f"{e.strerror}: {e.filename}; {fix}."
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a pickled .bin file
+        return ("the model folder holds pickled weights that would run code to load (torch refused them: "
+                f"{' '.join(str(e).split())[:160]}); rankwise never unpickles: use a folder with "
+                "model.safetensors (save_pretrained(..., safe_serialization=True)).")
     if isinstance(e, ImportError) and e.name and str(e).startswith("No module named"):
         return f"{e}; install it (pip install {e.name.split('.')[0]}) or use a feature that does not need it."
     text = " ".join(str(e).split()) or type(e).__name__

@@ -536,7 +536,8 @@ def run_pretrain(args) -> dict:
     train_data, valid_data = Windows(train_stream, args.seq_len), Windows(valid_stream, args.seq_len)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup=args.warmup,
                       eval_every=args.eval_every, seed=args.seed, max_grad_norm=1.0,
-                      checkpoint_every=args.checkpoint_every, on_nonfinite="skip" if args.skip_spikes else "stop")
+                      checkpoint_every=args.checkpoint_every, on_nonfinite="skip" if args.skip_spikes else "stop",
+                      precision=getattr(args, "precision", "fp32"))
     evaluate = evaluator(valid_data)
     history, start = [], 0
     if saved is not None:
@@ -718,6 +719,9 @@ def add_parser(sub) -> None:
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl "
                         "on CUDA); --batch-size is the global batch, split evenly; rank 0 writes the outputs")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32, or bf16 / fp16 mixed precision: the forward under torch.autocast, float32 weights and "
+                        "optimizer (fp16 with a loss scaler; rankwise.train.TrainConfig.precision) (default: fp32)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
 

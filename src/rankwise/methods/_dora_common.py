@@ -15,6 +15,12 @@ from autograd, as the DoRA paper (Sec. 4.3) suggests and PEFT does.
   a frozen ``A``: ``W0 Aᵀ``, ``A Aᵀ``), keyed on the storage and version counter of ``W0`` (and
   ``A``), so an in-place change of ``W0`` (``rw.merge`` of another adapter, ``load_state_dict``)
   recomputes it. Edits through ``.data`` bypass version counters: call ``clear()`` after them.
+  Under ``torch.compile`` (``torch.compiler.is_compiling()``) the cache is neither read nor
+  written: the quantities are computed in the graph every forward. Dynamo cannot trace the
+  ``data_ptr()`` comparison (a graph break at every adapted layer) and would freeze ``_version``
+  as a constant without a guard (a stale cache), so recomputing is the only safe traceable choice;
+  it costs one pass over ``W0`` (``out·in`` flops for ``‖W0‖²``, next to the ``2·N·in·out`` of the
+  base matmul: 1/(2N) of it for ``N`` tokens; ``out·in·r`` more for EDoRA's ``W0 Aᵀ``).
 * :func:`dora_forward` — the activation view ``base_out + (g−1)⊙(base_out − bias) + g⊙s·B(A x)``
   (PEFT's formula; with dropout ``p > 0`` in training, ``base_out − bias`` is recomputed on the
   dropped input, also as PEFT does). On linear layers it is one autograd node
@@ -66,7 +72,9 @@ class BaseStats:
 
     @torch.no_grad()
     def w0sq(self, dtype: torch.dtype) -> torch.Tensor:
-        """``‖W0‖²`` per row (out,), in ``dtype``."""
+        """``‖W0‖²`` per row (out,), in ``dtype`` (computed, never cached, under ``torch.compile``)."""
+        if torch.compiler.is_compiling():
+            return self.view.weight2d().detach().to(dtype).square().sum(1)
         w = self.view.weight
         stamp = (self._stamp(w), dtype)
         if self._w0sq is None or self._w0sq[0] != stamp:
@@ -76,7 +84,9 @@ class BaseStats:
 
     @torch.no_grad()
     def projections(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W0 Aᵀ, A Aᵀ)`` for a frozen ``A``, cached."""
+        """``(W0 Aᵀ, A Aᵀ)`` for a frozen ``A``, cached (computed, never cached, under ``torch.compile``)."""
+        if torch.compiler.is_compiling():
+            return base_projections(self.view, a)
         stamp = (self._stamp(self.view.weight), self._stamp(a))
         if self._proj is None or self._proj[0] != stamp:
             self._proj = (stamp, base_projections(self.view, a))

@@ -12,6 +12,14 @@ tensors that :meth:`SeededBases.generate` makes from it.
   in, :meth:`refresh` regenerates the bases from it, bit for bit.
 * ``persistent=True``: the bases themselves are state (saved and loaded as tensors), e.g. the
   projections of an adapter imported from PEFT, which rankwise did not generate.
+* Freshness: :meth:`refresh` (called by every forward) regenerates the bases when the key tensor
+  was replaced or written in place (its ``data_ptr()`` / version stamp changed); ``load_state_dict``
+  (a post-hook) and ``.to()`` keep them fresh eagerly. Under ``torch.compile`` the stamp cannot be
+  traced (``data_ptr()`` breaks the graph at every adapted layer; ``_version`` would be frozen as a
+  constant without a guard) and a CPU generator cannot run in a graph, so there ``refresh`` only
+  asserts in the graph that the key still holds the values the bases were made from (a 1-3 entry
+  comparison, no host sync) and raises otherwise: a key written in place by hand must be followed by
+  one eager ``refresh()`` (or ``rw.load``), never a silently stale basis.
 
 ``vera`` and ``randlora`` share one ``SeededBases`` between all layers of an adapter through the
 engine's ``shared`` hook (one object, saved once) and their PEFT codec, both in
@@ -47,6 +55,11 @@ def largest_dims(views) -> tuple[int, int]:
     return max(v.out_features for v in views), max(v.in_features for v in views)
 
 
+def _refresh_after_load(module: SeededBases, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: a new key regenerates the bases now, outside any compiled graph."""
+    module.refresh()
+
+
 class SeededBases(nn.Module):
     """Frozen tensors generated from ``key`` (see module docstring), on ``device`` in ``dtype``
     (default: float32). Subclasses list their tensors in ``names`` and define :meth:`generate`
@@ -63,7 +76,9 @@ class SeededBases(nn.Module):
         self.persistent = persistent
         for name, t in self._make(tuple(key), device, dtype).items():
             self.register_buffer(name, t, persistent=persistent)
+        self._made = tuple(int(k) for k in key)  # the key the bases were generated from
         self._stamp = self._key_stamp()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def generate(self, key: tuple[int, ...]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -81,17 +96,28 @@ class SeededBases(nn.Module):
 
     def refresh(self) -> None:
         """Regenerate the bases if ``key`` changed since they were made (cheap when it did not:
-        two attribute reads, no device sync). Persistent bases are state and never regenerated."""
+        two attribute reads, no device sync). Persistent bases are state and never regenerated.
+        Under ``torch.compile``: an in-graph check that ``key`` still equals the key the bases were
+        made from (see module docstring)."""
+        if torch.compiler.is_compiling():
+            if not self.persistent:
+                made = torch.tensor(self._made, dtype=torch.int64, device=self.key.device)
+                torch._assert_async(torch.eq(self.key, made).all(),
+                                    "rankwise: the key of seeded bases was changed in place since the bases were "
+                                    "made; call refresh() on them (or rw.load) once outside torch.compile")
+            return
         stamp = self._key_stamp()
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        if self.persistent:
+        if self.persistent or self.key.is_meta:
             return
-        made = self.generate(tuple(int(v) for v in self.key.tolist()))
+        key = tuple(int(v) for v in self.key.tolist())
+        made = self.generate(key)
         for name, t in made.items():
             old = getattr(self, name)
             setattr(self, name, t.to(device=old.device, dtype=old.dtype))
+        self._made = key
 
     def assign(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Take ``tensors`` (a PEFT file's bases) as the bases, after checking that every layer can
@@ -110,6 +136,8 @@ class SeededBases(nn.Module):
                 cur = getattr(self, name)
                 setattr(self, name, t.to(device=cur.device, dtype=cur.dtype).clone())
         self._stamp = self._key_stamp()
+        if not self.key.is_meta:
+            self._made = tuple(int(v) for v in self.key.tolist())
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda() replace the key tensor: keep the stamp in step
         fresh = self._stamp == self._key_stamp()

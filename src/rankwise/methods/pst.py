@@ -102,6 +102,14 @@ def score_rank(view: LayerView, config: PstConfig) -> int:
     return min(config.score_rank, view.out_features, view.in_features)
 
 
+def _smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(flat, k, largest=False, sorted=False).indices
+
+
+def _smallest_sorted(flat: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(flat, k, largest=False, sorted=True).indices
+
+
 @register("pst")
 class Pst(Method):
     """``W' = Top_k(|W| + A_s B_s + R + C) ⊙ (W0 + s B A)`` (see module docstring)."""
@@ -140,12 +148,24 @@ class Pst(Method):
         self.pst_schedule.fill_(0)
         self.pst_schedule[0] = max(self.config.total_steps or 1, 1)
 
+    def sparsity_tensor(self) -> torch.Tensor:
+        """``s_t`` as a float64 scalar tensor on the buffer's device, read from ``pst_schedule`` by tensor
+        operations only (no host sync, traceable by ``torch.compile``): :func:`cubic_sparsity`, term by term."""
+        c = self.config
+        sched = self.pst_schedule.to(torch.float64)
+        step, loop_total = sched[0], sched[1]
+        final, warm = float(c.sparsity), float(c.warmup_steps)
+        total = loop_total if c.total_steps is None else torch.full_like(step, float(c.total_steps))
+        u = 1.0 - (step - warm) / (total - warm)  # inf/nan only where a branch below is not taken
+        s = torch.where(step <= warm, 0.0, torch.where(step >= total, final, final * (1.0 - u * u * u)))
+        if c.total_steps is None:  # loop length unknown (0): s_f from the first step
+            s = torch.where(loop_total == 0, torch.where(step > 0, final, 0.0), s)
+        return s
+
     @property
     def sparsity(self) -> float:
         """``s_t`` now."""
-        step, total = (int(v) for v in self.pst_schedule.tolist())
-        return cubic_sparsity(step, self.config.sparsity, self.config.total_steps or total or None,
-                              self.config.warmup_steps)
+        return float(self.sparsity_tensor())
 
     # ---- the two views ----------------------------------------------------------------------------
     def scores(self, weight: torch.Tensor) -> torch.Tensor:
@@ -154,12 +174,26 @@ class Pst(Method):
                 + self.score_R[:, None] + self.score_C[None, :])
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """``Top_k(S)`` with the straight-through gradient to ``S``."""
+        """``Top_k(S)`` with the straight-through gradient to ``S``: the ``p = D − k = min(round(s_t D), D − 1)``
+        smallest scores are pruned. Eagerly one ``topk(p, largest=False)``. Under ``torch.compile``, where
+        ``p`` is a tensor, the shapes stay static: ``p ≤ p_max = min(round(s_f D), D − 1)``, so the ``p_max``
+        smallest are found and the first ``p`` of them pruned — unsorted ``topk`` once ``p = p_max`` (the
+        schedule's end, the same call as eager), sorted (about 4× slower) while the schedule ramps, where
+        equal scores at the threshold may be broken differently than eagerly."""
         numel = scores.numel()
-        keep = max(1, numel - round(self.sparsity * numel))
         with torch.no_grad():
-            hard = torch.zeros(numel, dtype=torch.bool, device=scores.device)
-            hard[torch.topk(scores.detach().flatten(), keep, sorted=False).indices] = True
+            flat = scores.detach().flatten()
+            pruned = torch.round(self.sparsity_tensor() * numel).clamp(max=numel - 1).to(torch.int64)
+            hard = torch.ones(numel, dtype=torch.bool, device=scores.device)
+            if not torch.compiler.is_compiling():
+                p = int(pruned)
+                if p > 0:
+                    hard[torch.topk(flat, p, largest=False, sorted=False).indices] = False
+            else:
+                p_max = min(round(self.config.sparsity * numel), numel - 1)
+                if p_max > 0:
+                    hard = hard.scatter(0, torch.cond(pruned == p_max, _smallest, _smallest_sorted, (flat, p_max)),
+                                        torch.arange(p_max, device=flat.device) >= pruned)
         return StraightThrough.apply(scores, hard.reshape(scores.shape), None)
 
     def delta2d(self) -> torch.Tensor:
