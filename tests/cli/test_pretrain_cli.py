@@ -431,3 +431,10 @@ def test_precision_flag_reaches_the_train_config_and_a_bf16_run_finishes(tmp_pat
     assert (out / "model.safetensors").is_file()
     with pytest.raises(SystemExit):
         build_parser().parse_args(_args(out, "--precision", "fp8"))
+
+
+def test_relora_restart_warmup_rule():
+    """2 % of a cycle (the paper's 100 of 5,000), at least 10 steps, at most a quarter of the cycle."""
+    from rankwise.cli.pretrain import restart_warmup
+
+    assert [restart_warmup(k) for k in (2, 4, 37, 75, 500, 5000, 20000)] == [1, 1, 9, 10, 10, 100, 400]

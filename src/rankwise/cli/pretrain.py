@@ -316,17 +316,24 @@ def make_optimizer(name: str, model, *, lr: float | None = None, rank: int | flo
 
 
 # ---------------------------------------------------------------------------------------------- command
+def restart_warmup(reset_every: int) -> int:
+    """Steps of ReLoRA's re-warmup after a merge: 2 % of a cycle as the paper's 100 of 5,000, but at
+    least 10 (at most a quarter of the cycle) — a 1-step re-warmup after the 99 % state pruning of a
+    short cycle made every merge a loss spike in ``benchmarks/pretrain.py``; ≥ 1, < ``reset_every``."""
+    return max(1, min(reset_every - 1, reset_every // 4, max(10, reset_every // 50))) if reset_every > 1 else 0
+
+
 def _schedule(model, kind: str, cfg):
-    """ReLoRA's jagged cosine (a short re-warmup after each merge, 2 % of a cycle as the paper's
-    100 of 5,000 steps, min ratio 0.1) for ``relora``; ``None`` (train's warmup-cosine) otherwise."""
+    """ReLoRA's jagged cosine (a re-warmup of :func:`restart_warmup` steps after each merge, min
+    ratio 0.1) for ``relora``; ``None`` (train's warmup-cosine) otherwise."""
     if kind != "relora":
         return None
     from ..pretrain.relora import jagged_cosine
 
     config = model._rankwise_pretrain[1]
     warmup = min(cfg.warmup_steps, config.reset_every)
-    return jagged_cosine(cfg.steps, warmup, config.reset_every, restart_warmup=min(max(1, config.reset_every // 50),
-                         config.reset_every - 1), min_ratio=0.1, warm_start=config.warm_start_steps)
+    return jagged_cosine(cfg.steps, warmup, config.reset_every, restart_warmup=restart_warmup(config.reset_every),
+                         min_ratio=0.1, warm_start=config.warm_start_steps)
 
 
 #: What ``--out`` may hold before a run replaces it (all of it written by ``rankwise pretrain``).
