@@ -22,48 +22,31 @@ EXIT_USER_ERROR = 2
 EXIT_UNEXPECTED = 1
 
 
-def positive_int(s: str) -> int:
-    """argparse type: an integer ≥ 1 (steps, batch sizes, lengths); 0 or a negative is refused at once."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
-    return v
+def _arg_type(cast, ok, what: str, doc: str):
+    """An argparse type: ``cast`` the string, then refuse values for which ``ok`` is false, with a
+    message saying what is expected (``what``)."""
+    noun = "an integer" if cast is int else "a number"
+
+    def check(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {noun}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+
+    check.__doc__ = doc
+    return check
 
 
-def nonneg_int(s: str) -> int:
-    """argparse type: an integer ≥ 0."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
-    return v
-
-
-def nonneg_float(s: str) -> float:
-    """argparse type: a finite number ≥ 0."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def fraction(s: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction strictly between 0 and 1, got {s}")
-    return v
+positive_int = _arg_type(int, lambda v: v >= 1, "an integer >= 1",
+                         "argparse type: an integer ≥ 1 (steps, batch sizes, lengths); 0 or a negative is refused at once.")
+nonneg_int = _arg_type(int, lambda v: v >= 0, "an integer >= 0", "argparse type: an integer ≥ 0.")
+nonneg_float = _arg_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0",
+                         "argparse type: a finite number ≥ 0.")
+fraction = _arg_type(float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1",
+                     "argparse type: a number strictly between 0 and 1.")
 
 
 def _targets(s: str | None):
