@@ -172,14 +172,8 @@ def run_finetune(args) -> dict:
 
 
 def _train_config(args, default_lr: float, TrainConfig):
-    """The ``TrainConfig`` of the flags, checked before any work (messages name the flags)."""
-    if args.warmup >= 1:
-        if args.warmup != int(args.warmup):
-            raise ConfigError(f"rankwise finetune: --warmup {args.warmup:g} is >= 1, so it counts steps and must be "
-                              "a whole number; pass a fraction < 1 (e.g. 0.06) for a share of --steps.")
-        if args.warmup > args.steps:
-            raise ConfigError(f"rankwise finetune: --warmup {int(args.warmup)} steps is more than --steps "
-                              f"{args.steps}; lower --warmup or raise --steps.")
+    """The ``TrainConfig`` of the flags, built (so checked) before any work; ``TrainConfig`` validates
+    every field and the command line shows its keyword names as flags (``warmup=`` → ``--warmup``)."""
     lr = args.lr if args.lr is not None else default_lr
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
                        weight_decay=args.weight_decay, warmup=args.warmup, grad_accum=args.grad_accum,
