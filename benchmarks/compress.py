@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import rankwise.compress as rc  # noqa: E402
-from rankwise.io.atomic import atomic_path, write_json, write_text  # noqa: E402
+from rankwise.io.atomic import write_json, write_png, write_text  # noqa: E402
 
 METHODS = ("svd", "asvd", "svd_llm", "fwsvd", "cur", "welore")
 RATIOS = (0.8, 0.6, 0.4)
@@ -170,9 +170,7 @@ def plot(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_png(path, fig, dpi=110)
 
 
 def markdown(rows) -> str:

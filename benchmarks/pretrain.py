@@ -249,15 +249,17 @@ def report(runs, sweeps, peaks, info, args, seeds, wall, train_time) -> None:
           + C.table(sweep_rows, ["row", "lr", "valid loss (seed 0)", "valid ppl", "chosen"], markdown=True) + "\n")
     os.makedirs(args.out, exist_ok=True)
     name = "pretrain_quick" if args.quick else "pretrain"
-    from rankwise.io.atomic import atomic_path, write_text
+    from rankwise.io.atomic import write_text
 
     write_text(os.path.join(args.out, f"{name}.md"), md)
-    plot(runs, peaks, os.path.join(args.out, f"{name}.png"), atomic_path)
+    plot(runs, peaks, os.path.join(args.out, f"{name}.png"))
     print(f"\nwall time {wall / 60:.1f} min; wrote {os.path.join(args.out, name)}.md/.png")
 
 
-def plot(runs, peaks, path, atomic_path) -> None:
+def plot(runs, peaks, path) -> None:
     import matplotlib
+
+    from rankwise.io.atomic import write_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -281,9 +283,7 @@ def plot(runs, peaks, path, atomic_path) -> None:
     ax2.set_title("perplexity against training memory")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_png(path, fig, dpi=110)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import _common as C  # noqa: E402
 
 import rankwise as rw  # noqa: E402
 from rankwise.analysis import effective_rank, kernel_alignment, relative_weight_change, tangent_kernel  # noqa: E402
-from rankwise.io.atomic import atomic_path, write_text  # noqa: E402
+from rankwise.io.atomic import write_png, write_text  # noqa: E402
 
 GAIN, LEAK, SLOPE = 1.5, 0.2, 0.1
 LAYERS = ["inp", "rec", "out"]
@@ -253,9 +253,7 @@ def plot(results, path):
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_png(path, fig, dpi=110)
 
 
 def main(argv=None):

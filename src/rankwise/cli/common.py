@@ -186,7 +186,7 @@ def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list
     is drawn too, faint, in the same color. ``evals`` (``{name: [(step, {"loss": …, "accuracy": …})]}``,
     as :class:`~rankwise.train.TrainResult` holds them) adds the validation points: the loss on the
     loss axis, the accuracy on a second axis at the right."""
-    from ..io.atomic import atomic_path, write_text
+    from ..io.atomic import write_png, write_text
 
     out.mkdir(parents=True, exist_ok=True)
     png = out / png_name
@@ -231,9 +231,7 @@ def write_report(out: Path, title: str, rows: list[dict], curves: dict[str, list
     else:
         ax.legend(handles, labels, fontsize=7, loc="upper right")
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    write_png(png, fig)
     headers = list(rows[0]) if rows else []
     table = format_table([[r[h] for h in headers] for r in rows], headers, markdown=True)
     md = f"# {title}\n\n{table}\n\n![loss curves]({png_name})\n\n{notes}\n"

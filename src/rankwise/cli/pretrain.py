@@ -654,15 +654,12 @@ def _plot(path: Path, losses: list[float], evals, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io.atomic import atomic_path
+    from ..io.atomic import write_png
+    from .common import EMA_DECAY, ema
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ema, sm = [], None
-    for v in losses:
-        sm = v if sm is None else 0.9 * sm + 0.1 * v
-        ema.append(sm)
     ax.plot(range(1, len(losses) + 1), losses, alpha=0.3, label="train (per step)")
-    ax.plot(range(1, len(ema) + 1), ema, label="train (EMA 0.9)")
+    ax.plot(range(1, len(losses) + 1), ema(losses), label=f"train (EMA {EMA_DECAY})")
     if evals:
         ax.plot([s for s, _ in evals], [m["loss"] for _, m in evals], "o-", label="validation")
     ax.set_xlabel("optimizer step")
@@ -671,9 +668,7 @@ def _plot(path: Path, losses: list[float], evals, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    write_png(path, fig)
 
 
 def add_parser(sub) -> None:

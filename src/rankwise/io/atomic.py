@@ -208,6 +208,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_png(path: str | os.PathLike, fig, dpi: int = 120) -> None:
+    """Save a matplotlib figure as a PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
     """Write a safetensors file atomically (tensors detached, on the CPU, contiguous, unshared)."""
     from safetensors.torch import save_file
