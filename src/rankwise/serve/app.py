@@ -200,12 +200,17 @@ def create_app(engine: Engine, *, base_name: str, token: str | None = None, max_
                  for n in engine.cache.available()]
         return JSONResponse({"object": "list", "data": data})
 
-    async def embeddings(request):
-        check_task("embeddings")
+    async def encoder_request(request, task: str):
+        """``(body, adapter, token lists)`` of an embeddings / classify request, checked."""
+        check_task(task)
         data = await read_json(request)
         adapter = adapter_of(data)
         items = tokens_of(data.get("input"), "input")
         check_lengths(items, 0)
+        return data, adapter, items
+
+    async def embeddings(request):
+        data, adapter, items = await encoder_request(request, "embeddings")
         fmt = data.get("encoding_format", "float") or "float"
         if fmt not in ("float", "base64"):
             raise ApiError(422, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
@@ -219,11 +224,7 @@ def create_app(engine: Engine, *, base_name: str, token: str | None = None, max_
                              "usage": usage(items)})
 
     async def classify(request):
-        check_task("classify")
-        data = await read_json(request)
-        adapter = adapter_of(data)
-        items = tokens_of(data.get("input"), "input")
-        check_lengths(items, 0)
+        data, adapter, items = await encoder_request(request, "classify")
         logits = await run_job(Job("classify", adapter, items))
         labels = getattr(engine.model.config, "id2label", None) or {}
         probs = logits.softmax(-1)
