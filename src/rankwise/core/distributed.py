@@ -128,6 +128,25 @@ def shard_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=None)
 
 
+@contextlib.contextmanager
+def whole_parameter(p: torch.Tensor):
+    """Inside the block, a plain tensor holding the whole of an FSDP2-sharded (``DTensor``) parameter,
+    with ``.grad`` its whole gradient (two all-gathers: a collective, every rank enters the block for
+    the same parameters in the same order); on exit each rank copies its own shard of the result back
+    into ``p`` (no communication: every rank computed the same whole tensor). An optimizer whose step
+    is not elementwise (a projection, a factored moment) runs its single-process arithmetic on it, so
+    its state is the single-process state, identical on every rank. A plain ``p`` is yielded as is."""
+    if not is_sharded(p):
+        yield p
+        return
+    whole = p.detach().full_tensor()
+    if p.grad is not None:
+        whole.grad = p.grad.full_tensor()
+    yield whole
+    with torch.no_grad():
+        p.copy_(shard_like(whole, p))
+
+
 def layer_delta(layer: nn.Module, name: str) -> torch.Tensor:
     """``ΔW`` of adapter ``name`` of an ``AdaptedLayer`` in the layout and dtype of ``layer.base.weight``.
 

@@ -38,6 +38,14 @@
   default: it changes the trajectory compared with galore-torch (the reference tests check the
   unstaggered one). Not for ``online_pca`` (its basis moves at every step) nor layer-wise mode
   (one parameter per optimizer: every offset would be 0).
+* FSDP2 (``fully_shard``): a low-rank parameter is a ``DTensor`` shard. Its step runs on the whole
+  matrix (:func:`rankwise.core.distributed.whole_parameter`: the weight and its gradient are
+  all-gathered, the single-process arithmetic runs, each rank keeps its shard of the result), so
+  projections, norms and factored moments are those of one process, the projector is identical on
+  every rank without a broadcast, and the low-rank state (bases, projected moments, counters) is
+  replicated: ``optimizer.state_dict()`` on any rank holds all of it. Cost per step and matrix: two
+  all-gathers of its size (what FSDP's forward already moves) and one whole matrix and gradient in
+  memory at a time. The other parameters take their elementwise AdamW step on the shard.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..core.distributed import whole_parameter
 from ..errors import ConfigError, TargetError
 from .projectors import KINDS, make_projector
 
@@ -238,6 +247,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ projectors
     def _param_index(self, p) -> int:
+        p = self._identity(p)
         index = getattr(self, "_pindex", None)
         if index is None:
             index = {}
@@ -269,7 +279,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if not group.get("stagger_refresh", False):
             return 0
         low = [q for q in group["params"] if self.is_low_rank(q, group)]
-        i = next(k for k, q in enumerate(low) if q is p)
+        i = next(k for k, q in enumerate(low) if q is self._identity(p))
         state["proj_offset"] = i * int(group["update_proj_gap"]) // len(low)
         return state["proj_offset"]
 
@@ -277,10 +287,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """The projector of ``p``, bound to its current state dict (rebuilt after ``load_state_dict``)."""
         self.refresh_offset(p, group, state)  # the projector reads state["proj_offset"] in due()
         cache = self.__dict__.setdefault("_projectors", {})
-        proj = cache.get(id(p))
+        key = id(self._identity(p))
+        proj = cache.get(key)
         if proj is None or proj.state is not state:
             proj = self.make_projector(p, group, state)
-            cache[id(p)] = proj
+            cache[key] = proj
         return proj
 
     def refresh_projector(self, p, group, state, grad2d, moment_keys=("exp_avg", "exp_avg_sq")):
@@ -313,11 +324,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"{self.owner}: sparse gradients are not supported (parameter of shape "
                                     f"{tuple(p.shape)}); use dense embeddings.")
                 state = self.state[p]
-                if self.is_low_rank(p, group):
-                    self._low_rank_step(p, group, state)
-                else:
-                    self._fallback_step(p, group, state)
+                if not self.is_low_rank(p, group):
+                    self._fallback_step(p, group, state)  # elementwise: runs on an FSDP2 shard as it is
+                    continue
+                with whole_parameter(p) as w:  # FSDP2 shard: the whole matrix (see the module docstring)
+                    self._whole = {id(w): p}
+                    try:
+                        self._low_rank_step(w, group, state)
+                    finally:
+                        self._whole = {}
         return loss
+
+    def _identity(self, p: torch.Tensor) -> torch.Tensor:
+        """The parameter ``p`` stands for (itself, or the sharded parameter whose whole copy it is)."""
+        return self.__dict__.get("_whole", {}).get(id(p), p)
 
     def _low_rank_step(self, p, group, state):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from ..core.distributed import whole_parameter
 from ..errors import ConfigError
 from ._common import adamw_step_, check_adam_args
 from .adafactor import _rms, step_size
@@ -139,11 +140,12 @@ class Flora(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise TypeError(f"Flora: sparse gradients are not supported (parameter of shape {tuple(p.shape)}).")
-                self._step_param(p, group)
+                state = self.state[p]
+                with whole_parameter(p) as w:  # FSDP2 shard: the whole tensor (projection, factored moments)
+                    self._step_param(w, group, state)
         return loss
 
-    def _step_param(self, p, group):
-        state = self.state[p]
+    def _step_param(self, p, group, state):
         grad = p.grad
         if grad.dtype in (torch.float16, torch.bfloat16):
             grad = grad.float()

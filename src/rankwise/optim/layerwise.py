@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..core.distributed import is_sharded
 from ..errors import ConfigError
 from ._common import LowRankOptimizer
 
@@ -99,7 +100,8 @@ def layerwise(model: nn.Module, opt_factory: Callable[[list[dict]], torch.optim.
     every replica steps on the same averaged gradient — what DDP would give — and the replicas stay
     identical (the GaLore projector too: it is computed from that same gradient). Do not wrap the
     model in ``DistributedDataParallel``: DDP averages gradients *after* these hooks have already
-    stepped on the local ones (replicas would silently diverge), so a DDP-wrapped model is refused.
+    stepped on the local ones (replicas would silently diverge), so a DDP-wrapped model is refused,
+    and so is an FSDP2-sharded one (its hooks would see gradients before the reduce-scatter).
     """
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ConfigError(f"layerwise: accumulation_steps={accumulation_steps!r} must be an int ≥ 1.")
@@ -108,6 +110,12 @@ def layerwise(model: nn.Module, opt_factory: Callable[[list[dict]], torch.optim.
             "layerwise: the model is wrapped in DistributedDataParallel, which averages gradients only after "
             "the layer-wise hooks have stepped on each process's local gradient, so the replicas would diverge. "
             "Pass the unwrapped model (model.module): layerwise averages each gradient across processes itself.")
+    if any(is_sharded(p) for p in model.parameters()):
+        raise ConfigError(
+            "layerwise: the model is sharded (FSDP2 fully_shard: its parameters are DTensors), so a parameter's "
+            "gradient hook sees an unreduced gradient before FSDP reduce-scatters it, and stepping there would "
+            "diverge across ranks. Use one optimizer for the whole model (rw.optim.GaLoreAdamW(...) and "
+            "optimizer.step() after backward: it steps each sharded matrix whole), or layerwise without sharding.")
     names = {id(p): n for n, p in model.named_parameters()}
     if params is None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

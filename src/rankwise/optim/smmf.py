@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from ..core.distributed import whole_parameter
 from ..errors import ConfigError
 
 __all__ = ["SMMF", "square_shape"]
@@ -157,44 +158,45 @@ class SMMF(torch.optim.Optimizer):
                     raise ConfigError(f"SMMF: parameter of shape {tuple(p.shape)} has a sparse gradient; "
                                       "SMMF needs dense gradients.")
                 state = self.state[p]
-                if not state:
-                    self._init_state(p, group, state)
-                state["step"] += 1
-                t = state["step"]
-                dense = "v_row" not in state
-                work = torch.float64 if p.dtype == torch.float64 else torch.float32
-                grad = p.grad.to(work)
-                if wd != 0 and group["weight_decay_mode"] == "adam":
-                    grad = grad.add(p.to(work), alpha=wd)
-                elif wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                beta2 = 1.0 - math.pow(t, group["decay_rate"])
-                if dense:
-                    v = state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                    if beta is not None:
-                        beta1 = beta * group["growth_rate"] ** (t - 1)
-                        num = state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                with whole_parameter(p) as p:  # FSDP2 shard: the whole tensor (factored moments need it)
+                    if not state:
+                        self._init_state(p, group, state)
+                    state["step"] += 1
+                    t = state["step"]
+                    dense = "v_row" not in state
+                    work = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    grad = p.grad.to(work)
+                    if wd != 0 and group["weight_decay_mode"] == "adam":
+                        grad = grad.add(p.to(work), alpha=wd)
+                    elif wd != 0:
+                        p.mul_(1.0 - lr * wd)
+                    beta2 = 1.0 - math.pow(t, group["decay_rate"])
+                    if dense:
+                        v = state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                        if beta is not None:
+                            beta1 = beta * group["growth_rate"] ** (t - 1)
+                            num = state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                        else:
+                            num = grad
+                        update = num / v.sqrt().add_(eps)
                     else:
-                        num = grad
-                    update = num / v.sqrt().add_(eps)
-                else:
-                    shape = (state["v_row"].numel(), state["v_col"].numel())
-                    g = grad.reshape(shape)
-                    v = torch.outer(state["v_row"], state["v_col"])
-                    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                    if beta is not None:
-                        beta1 = beta * group["growth_rate"] ** (t - 1)
-                        # M̂ = ±(r cᵀ): the stored bit is [M > 0]; ±1 = 2·bit − 1
-                        sign = unpack_bits(state["m_sign"], g.numel()).view(shape).to(work).mul_(2).sub_(1)
-                        m = torch.outer(state["m_row"], state["m_col"]).mul_(sign)
-                        del sign
-                        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-                        state["m_sign"] = pack_bits(m > 0)
-                        nnmf_rank1(m.abs(), state["m_row"], state["m_col"])
-                        num = m
-                    else:
-                        num = g
-                    nnmf_rank1(v, state["v_row"], state["v_col"])
-                    update = (num / v.sqrt_().add_(eps)).view(p.shape)
-                p.add_(update.to(p.dtype), alpha=-lr)
+                        shape = (state["v_row"].numel(), state["v_col"].numel())
+                        g = grad.reshape(shape)
+                        v = torch.outer(state["v_row"], state["v_col"])
+                        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                        if beta is not None:
+                            beta1 = beta * group["growth_rate"] ** (t - 1)
+                            # M̂ = ±(r cᵀ): the stored bit is [M > 0]; ±1 = 2·bit − 1
+                            sign = unpack_bits(state["m_sign"], g.numel()).view(shape).to(work).mul_(2).sub_(1)
+                            m = torch.outer(state["m_row"], state["m_col"]).mul_(sign)
+                            del sign
+                            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                            state["m_sign"] = pack_bits(m > 0)
+                            nnmf_rank1(m.abs(), state["m_row"], state["m_col"])
+                            num = m
+                        else:
+                            num = g
+                        nnmf_rank1(v, state["v_row"], state["v_col"])
+                        update = (num / v.sqrt_().add_(eps)).view(p.shape)
+                    p.add_(update.to(p.dtype), alpha=-lr)
         return loss
