@@ -75,12 +75,15 @@ def test_refresh_steps_follow_the_formula(n, gap):
     assert sum(per_step) == sum(len(v) - 1 for v in log.values())
 
 
-def test_without_the_option_every_matrix_refreshes_on_the_same_steps():
+@pytest.mark.parametrize("option", [{}, {"stagger_refresh": False}, {"stagger_refresh": "auto"}])
+def test_off_or_on_the_cpu_every_matrix_refreshes_on_the_same_steps(option):
+    """False, and the default ("auto") on the CPU: galore-torch's schedule, every matrix on 0, T, 2T, …."""
     n, gap, steps = 4, 3, 8
-    log, opt, mats = _refresh_log(rw.optim.GaLoreAdamW, n, gap, steps)
+    log, opt, mats = _refresh_log(rw.optim.GaLoreAdamW, n, gap, steps, **option)
     for i in range(n):
         assert log[i] == [t for t in range(steps) if t % gap == 0]
-        assert "proj_offset" not in opt.state[mats[i]]
+        assert opt.state[mats[i]]["proj_offset"] == 0
+        assert opt.state[mats[i]]["proj_randomized"] is False  # auto projector: the exact SVD on the CPU
 
 
 def test_randomized_projector_and_other_optimizers_stagger_too():
@@ -108,3 +111,74 @@ def test_offset_survives_a_state_dict_round_trip():
 def test_stagger_option_is_checked():
     with pytest.raises(ConfigError, match="stagger_refresh=1"):
         rw.optim.GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(3, 3))], "rank": 1, "stagger_refresh": 1}])
+
+
+# ---- the "auto" defaults on an accelerator (the device test is patched: CI has no GPU) -------------------
+@pytest.fixture
+def accelerator(monkeypatch):
+    monkeypatch.setattr("rankwise.optim._common.on_accelerator", lambda t: True)
+
+
+def test_on_an_accelerator_the_defaults_are_randomized_svd_and_staggered(accelerator):
+    n, gap, steps = 4, 4, 9
+    log, opt, mats = _refresh_log(rw.optim.GaLoreAdamW, n, gap, steps)
+    for i in range(n):
+        offset = i * gap // n
+        assert log[i] == sorted({0} | {t for t in range(steps) if (t - offset) % gap == 0}), i
+        state = opt.state[mats[i]]
+        assert state["proj_offset"] == offset and state["proj_randomized"] is True
+        assert isinstance(opt.projector(mats[i], opt.param_groups[1], state), projectors.RandomizedSVDProjector)
+        assert "proj_seed" in state  # seeded per parameter: the same basis on every rank
+
+
+def test_the_resolved_defaults_survive_a_move_to_the_cpu(monkeypatch):
+    """A run started on an accelerator and resumed on the CPU keeps its randomized projector and offsets."""
+    monkeypatch.setattr("rankwise.optim._common.on_accelerator", lambda t: True)
+    model = _model(3)
+    groups = [{"params": [m.weight for m in model], "rank": 2, "update_proj_gap": 3}]
+    opt = rw.optim.GaLoreAdamW(groups, lr=1e-3)
+    model(torch.randn(4, 12)).square().mean().backward()
+    opt.step()
+    sd = opt.state_dict()
+    monkeypatch.undo()
+    again = rw.optim.GaLoreAdamW([{"params": [m.weight for m in model], "rank": 2, "update_proj_gap": 3}], lr=1e-3)
+    again.load_state_dict(sd)
+    for p in (m.weight for m in model):
+        st = again.state[p]
+        assert isinstance(again.projector(p, again.param_groups[0], st), projectors.RandomizedSVDProjector)
+    assert [again.state[m.weight]["proj_offset"] for m in model] == [0, 1, 2]
+    fresh = rw.optim.GaLoreAdamW([{"params": [model[0].weight], "rank": 2}], lr=1e-3)  # a new run on the CPU
+    model(torch.randn(4, 12)).square().mean().backward()
+    fresh.step()
+    assert fresh.state[model[0].weight]["proj_randomized"] is False
+
+
+def test_auto_on_an_accelerator_keeps_the_cheap_and_the_quantized_kinds(accelerator):
+    """APOLLO's random projection (a cheap refresh) is not staggered; Q-GaLore's "auto" is its quantized SVD."""
+    log_model = _model(3)
+    apollo = rw.optim.APOLLO([{"params": [m.weight for m in log_model], "rank": 2, "update_proj_gap": 3}], lr=1e-3)
+    other = _model(2)
+    qg = rw.optim.QGaLoreAdamW([{"params": [m.weight for m in other], "rank": 2, "update_proj_gap": 3}], lr=1e-3)
+    x = torch.randn(4, 12)
+    for model, opt in ((log_model, apollo), (other, qg)):
+        for _ in range(3):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert [apollo.state[m.weight]["proj_offset"] for m in log_model] == [0, 0, 0]
+    from rankwise.optim.qgalore import QuantizedSVDProjector
+
+    for m in other:
+        assert isinstance(qg.projector(m.weight, qg.param_groups[0], qg.state[m.weight]), QuantizedSVDProjector)
+
+
+def test_layerwise_staggers_across_its_optimizers(accelerator):
+    """rw.optim.layerwise gives each matrix its own optimizer; the offsets still spread over all of them."""
+    model = _model(4)
+    handle = rw.optim.layerwise(model, lambda g: rw.optim.GaLoreAdamW(g, lr=1e-3),
+                                params=[{"params": [m.weight for m in model], "rank": 2, "update_proj_gap": 4},
+                                        {"params": [m.bias for m in model]}])
+    model(torch.randn(4, 12)).square().mean().backward()
+    offsets = [handle.optimizers[f"{i}.weight"].state[model[i].weight]["proj_offset"] for i in range(4)]
+    handle.remove()
+    assert offsets == [0, 1, 2, 3]

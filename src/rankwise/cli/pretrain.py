@@ -82,7 +82,7 @@ TARGETS = r"(self_attn|mlp)\."
 #: settings (projected optimizers use 10x AdamW's rate with scale 0.25, APOLLO-Mini scale 128).
 OPTIMIZERS: dict[str, tuple[float, str]] = {
     "adamw": (1e-3, "torch.optim.AdamW, full state"),
-    "galore": (1e-2, "GaLoreAdamW (SVD projector unless --projector)"),
+    "galore": (1e-2, "GaLoreAdamW (exact SVD on CPU, randomized SVD on GPU, unless --projector)"),
     "galore8bit": (1e-2, "GaLoreAdamW8bit: 8-bit block-wise moments"),
     "qgalore": (1e-2, "QGaLoreAdamW: int4 projector, int8 weights, lazy subspace updates"),
     "fira": (1e-2, "Fira: GaLore + scaled out-of-subspace residual"),
@@ -683,8 +683,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=_rank, default=128, help="projection rank (int, or a fraction < 1)")
     p.add_argument("--update-gap", type=int, default=200, help="steps between subspace refreshes (T)")
     p.add_argument("--scale", type=float, default=None, help="projection scale α (default per optimizer)")
-    p.add_argument("--projector", default=None, help="projector kind for GaLore-style optimizers (svd, "
-                                                     "randomized_svd, random, dct, hadamard, online_pca)")
+    p.add_argument("--projector", default=None, help="projector kind for GaLore-style optimizers: auto (default: "
+                                                     "svd on CPU, randomized_svd on GPU), svd, randomized_svd, random, "
+                                                     "dct, hadamard, online_pca")
     p.add_argument("--parametrization", default="full",
                    help=f"one of {', '.join(PARAMETRIZATIONS)} (default full: dense weights); applied to the "
                         "attention and MLP projections before the optimizer is built")

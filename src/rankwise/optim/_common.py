@@ -27,17 +27,29 @@
 * 8-bit block-wise state (:func:`quantize_blockwise` / :func:`dequantize_blockwise`) with the
   dynamic data type of Dettmers et al. (2015, 2022).
 * :func:`param_groups` — split a model into low-rank matrices and the rest.
-* Staggered subspace refresh (group key ``stagger_refresh``, default ``False``). GaLore refreshes
-  every projected matrix on the same steps ``0, T, 2T, …``, so one step pays all the SVDs (3.8 s
-  for 14 matrices of 2048 × 5632 on an H200, issue 18). With ``stagger_refresh=True`` the ``i``-th
-  of the group's ``n`` projected parameters (in ``params`` order) gets the offset
-  ``o_i = ⌊i·T / n⌋`` and refreshes at the steps ``t`` with ``(t − o_i) mod T = 0`` — after its first
-  basis, which is still built at the first step (a projector needs one). The offsets are spread
-  over ``[0, T)``, so at most ``⌈n / T⌉`` matrices refresh on any later step. The offset is kept in
-  ``optimizer.state[p]["proj_offset"]`` (saved with the optimizer, identical on every rank). Off by
-  default: it changes the trajectory compared with galore-torch (the reference tests check the
-  unstaggered one). Not for ``online_pca`` (its basis moves at every step) nor layer-wise mode
-  (one parameter per optimizer: every offset would be 0).
+* Defaults that depend on the device (group keys ``projector="auto"`` and ``stagger_refresh="auto"``,
+  both the defaults). GaLore's exact SVD of every projected matrix, all on the same steps
+  ``0, T, 2T, …``, made one step in ``T`` pay 3.8 s for 14 matrices of 2048 × 5632 on an H200
+  (issue 18; ``randomized_svd`` 0.19 s). So, per parameter, on its device at its first step:
+
+  - ``projector="auto"`` is ``"svd"`` (galore-torch's exact SVD) for a parameter on the CPU and
+    ``"randomized_svd"`` (Halko et al., seeded per parameter, ``projector_options`` apply) on an
+    accelerator (CUDA, XPU, MPS, …);
+  - ``stagger_refresh="auto"`` is ``True`` for the SVD kinds (``svd``, ``randomized_svd``) on an
+    accelerator, ``False`` otherwise (on the CPU, and for the cheap refreshes: ``random``, ``dct``, …).
+
+  On the CPU the defaults therefore reproduce galore-torch's trajectory (the reference tests
+  check it); set ``projector="svd", stagger_refresh=False`` for that trajectory on a GPU too. The
+  choice is kept in ``optimizer.state[p]`` (``proj_randomized``, ``proj_offset``), so a run resumed on
+  another device keeps the projector it started with.
+* Staggered subspace refresh (``stagger_refresh=True``): the ``i``-th of the group's ``n`` projected
+  parameters (in ``params`` order; under :func:`rankwise.optim.layerwise`, of all the projected
+  parameters it steps) gets the offset ``o_i = ⌊i·T / n⌋`` and refreshes at the steps ``t`` with
+  ``(t − o_i) mod T = 0`` — after its first basis, which is still built at the first step (a
+  projector needs one). The offsets are spread over ``[0, T)``, so at most ``⌈n / T⌉`` matrices
+  refresh on any later step. The offset is kept in ``optimizer.state[p]["proj_offset"]`` (saved
+  with the optimizer, identical on every rank). No effect on ``online_pca`` (its basis moves at
+  every step).
 * FSDP2 (``fully_shard``): a low-rank parameter is a ``DTensor`` shard. Its step runs on the whole
   matrix (:func:`rankwise.core.distributed.whole_parameter`: the weight and its gradient are
   all-gathered, the single-process arithmetic runs, each rank keeps its shard of the result), so
@@ -69,11 +81,16 @@ GROUP_DEFAULTS = {
     "update_proj_gap": 200,      # steps between subspace refreshes (T); online_pca: its basis lr is 1/T
     "scale": 1.0,                # α multiplying the projected-back update
     "proj_type": "std",          # side: std/auto (smaller dim), reverse_std, left, right
-    "projector": "svd",          # projector kind, see rankwise.optim.projectors.KINDS
+    "projector": "auto",         # projector kind (rankwise.optim.projectors.KINDS); auto: svd on CPU, else randomized_svd
     "projector_options": None,   # dict of kind options (seed, oversample, power_iters, pca_lr, ...)
     "subspace_change": "keep",   # keep | reset | reproject
-    "stagger_refresh": False,    # True: parameter i of n refreshes at steps ≡ ⌊i·T/n⌋ (mod T), see above
+    "stagger_refresh": "auto",   # True: parameter i of n refreshes at steps ≡ ⌊i·T/n⌋ (mod T); auto: off on CPU only
 }
+
+
+def on_accelerator(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives on an accelerator (anything but the CPU): decides the ``"auto"`` defaults."""
+    return t.device.type != "cpu"
 
 
 # ---------------------------------------------------------------------- validation
@@ -113,15 +130,17 @@ def check_group(owner: str, group: dict) -> None:
         raise ConfigError(f"{where}: proj_type={side!r} must be 'std' (smaller side), 'reverse_std', 'left' or "
                           "'right' (two-sided 'full' projection is not supported).")
     kind = group.get("projector")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}: projector={kind!r} must be one of {KINDS}.")
+    if kind not in ("auto", *KINDS):
+        raise ConfigError(f"{where}: projector={kind!r} must be 'auto' (svd on the CPU, randomized_svd on an "
+                          f"accelerator) or one of {KINDS}.")
     opts = group.get("projector_options")
     if opts is not None and not isinstance(opts, dict):
         raise ConfigError(f"{where}: projector_options={opts!r} must be a dict or None.")
-    stagger = group.get("stagger_refresh", False)
-    if not isinstance(stagger, bool):
+    stagger = group.get("stagger_refresh", "auto")
+    if not isinstance(stagger, bool) and stagger != "auto":
         raise ConfigError(f"{where}: stagger_refresh={stagger!r} must be True (spread the subspace refreshes of "
-                          "the group's matrices over the T steps) or False (all on the same steps, as galore-torch).")
+                          "the group's matrices over the T steps), False (all on the same steps, as galore-torch) "
+                          "or 'auto' (True on an accelerator, False on the CPU).")
     mode = group.get("subspace_change")
     if mode not in SUBSPACE_CHANGES:
         raise ConfigError(f"{where}: subspace_change={mode!r} must be one of {SUBSPACE_CHANGES}.")
@@ -257,18 +276,31 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._pindex = index
         return index.setdefault(id(p), len(index))
 
-    def projector_kwargs(self, p: torch.Tensor, group: dict) -> dict:
+    @staticmethod
+    def projector_kind(p: torch.Tensor, group: dict, state: dict) -> str:
+        """The projector kind of ``p``: the group's, with ``"auto"`` resolved on ``p``'s device the first
+        time (``"svd"`` on the CPU, ``"randomized_svd"`` elsewhere) and kept as the bool
+        ``state["proj_randomized"]`` (torch's ``load_state_dict`` would mangle a string)."""
+        kind = group["projector"]
+        if kind != "auto":
+            return kind
+        if "proj_randomized" not in state:
+            state["proj_randomized"] = on_accelerator(p)
+        return "randomized_svd" if state["proj_randomized"] else "svd"
+
+    def projector_kwargs(self, p: torch.Tensor, group: dict, state: dict | None = None) -> dict:
         """Keyword options for the projector of ``p``; random kinds get a per-parameter seed
         ``projector_options['seed'] + index of p`` unless the options give one per parameter."""
         opts = dict(group.get("projector_options") or {})
-        if group["projector"] in ("random", "randomized_svd"):
+        kind = group["projector"] if state is None else self.projector_kind(p, group, state)
+        if kind in ("random", "randomized_svd"):
             opts["seed"] = int(opts.get("seed", 0)) + self._param_index(p)
         return opts
 
     def make_projector(self, p: torch.Tensor, group: dict, state: dict):
-        return make_projector(group["projector"], group["rank"], side=group["proj_type"],
+        return make_projector(self.projector_kind(p, group, state), group["rank"], side=group["proj_type"],
                               update_gap=group["update_proj_gap"], scale=group["scale"], state=state,
-                              shape=as_matrix(p).shape, **self.projector_kwargs(p, group))
+                              shape=as_matrix(p).shape, **self.projector_kwargs(p, group, state))
 
     def refresh_offset(self, p: torch.Tensor, group: dict, state: dict) -> int:
         """Step offset of ``p``'s subspace refreshes: ``⌊i·T / n⌋`` for the ``i``-th of the group's ``n``
@@ -276,11 +308,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the first time), else 0 (see the module docstring)."""
         if "proj_offset" in state:
             return int(state["proj_offset"])
-        if not group.get("stagger_refresh", False):
+        stagger = group.get("stagger_refresh", "auto")
+        if stagger == "auto":  # the SVD kinds on an accelerator: the refreshes that cost
+            stagger = on_accelerator(p) and self.projector_kind(p, group, state) in ("svd", "randomized_svd")
+        if not stagger:
+            state["proj_offset"] = 0
             return 0
-        low = [q for q in group["params"] if self.is_low_rank(q, group)]
-        i = next(k for k, q in enumerate(low) if q is self._identity(p))
-        state["proj_offset"] = i * int(group["update_proj_gap"]) // len(low)
+        slot = self.__dict__.get("_stagger_slot")  # set by rw.optim.layerwise: (index, count) over its optimizers
+        if slot is None:
+            low = [q for q in group["params"] if self.is_low_rank(q, group)]
+            slot = (next(k for k, q in enumerate(low) if q is self._identity(p)), len(low))
+        i, n = slot
+        state["proj_offset"] = i * int(group["update_proj_gap"]) // n
         return state["proj_offset"]
 
     def projector(self, p: torch.Tensor, group: dict, state: dict):

@@ -96,13 +96,13 @@ class APOLLO(LowRankOptimizer):
         if group.get("adam_style", "hf") != "hf":
             raise ConfigError(f"{where}: adam_style must be 'hf' (apollo-torch's AdamW arithmetic).")
 
-    def projector_kwargs(self, p, group):
+    def projector_kwargs(self, p, group, state=None):
         """As the base class, but the seeded kinds (``random``, ``randomized_svd``) start from seed 1
         when the options give none (apollo-torch's numbering); other kinds take no seed."""
-        kind = group["projector"]
+        kind = group["projector"] if state is None else self.projector_kind(p, group, state)
         if kind in ("random", "randomized_svd") and "seed" not in (group.get("projector_options") or {}):
             group = dict(group, projector_options={**(group.get("projector_options") or {}), "seed": 1})
-        return super().projector_kwargs(p, group)
+        return super().projector_kwargs(p, group, state)
 
     # ------------------------------------------------------------------ regenerated random projection
     def _random_low(self, p, group, state, grad):

@@ -62,7 +62,7 @@ class FRUGAL(LowRankOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  *, correct_bias: bool = True, rank: int | float | None = None, update_proj_gap: int = 200,
-                 proj_type: str = "std", projector: str = "svd", projector_options: dict | None = None,
+                 proj_type: str = "std", projector: str = "auto", projector_options: dict | None = None,
                  subspace_change: str = "reset", inactive_update: str = "sign_sgd", inactive_lr_scale: float = 1.0,
                  proj_lr_scale: float = 1.0):
         check_adam_args(self.owner, lr, betas, eps, weight_decay)
@@ -87,9 +87,9 @@ class FRUGAL(LowRankOptimizer):
             raise ConfigError(f"{where}: scale={group.get('scale')!r}; FRUGAL has no projection scale, the "
                               "state-full part moves at lr * proj_lr_scale. Leave scale at 1.0.")
 
-    def projector_kwargs(self, p, group):
-        opts = super().projector_kwargs(p, group)
-        if group["projector"] == "random":
+    def projector_kwargs(self, p, group, state=None):
+        opts = super().projector_kwargs(p, group, state)
+        if (group["projector"] if state is None else self.projector_kind(p, group, state)) == "random":
             opts.setdefault("orthonormalize", True)
         return opts
 

@@ -70,7 +70,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  *, correct_bias: bool = True, rank: int | float | None = None, update_proj_gap: int = 200,
-                 scale: float = 1.0, proj_type: str = "std", projector: str = "svd",
+                 scale: float = 1.0, proj_type: str = "std", projector: str = "auto",
                  projector_options: dict | None = None, subspace_change: str = "keep",
                  adam_style: str | None = None, **extra):
         check_adam_args(self.owner, lr, betas, eps, weight_decay)

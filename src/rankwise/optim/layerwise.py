@@ -146,6 +146,10 @@ def layerwise(model: nn.Module, opt_factory: Callable[[list[dict]], torch.optim.
             hooks.append(p.register_post_accumulate_grad_hook(_make_hook(opt, accumulation_steps, process_group)))
     if not optimizers:
         raise ConfigError(f"layerwise: {type(model).__name__} has no trainable parameter to step.")
+    low = [opt for opt in optimizers.values() if isinstance(opt, LowRankOptimizer)
+           and opt.is_low_rank(opt.param_groups[0]["params"][0], opt.param_groups[0])]
+    for i, opt in enumerate(low):  # stagger_refresh spreads the refreshes over all of them, as one optimizer would
+        opt._stagger_slot = (i, len(low))
     return LayerwiseHandle(optimizers, hooks, accumulation_steps)
 
 

@@ -182,7 +182,7 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
     def _check_group_extra(self, group):
         super()._check_group_extra(group)
         where = f"{self.owner} param group {group['_index']}"
-        if group["projector"] != "svd":
+        if group["projector"] not in ("auto", "svd"):  # auto: its quantized SVD on every device
             raise ConfigError(f"{where}: projector={group['projector']!r}; Q-GaLore quantizes an SVD projector, "
                               "use projector='svd' (or GaLoreAdamW8bit for other kinds).")
         if not isinstance(group["quant_n_bit"], int) or not 1 <= group["quant_n_bit"] <= 8:
