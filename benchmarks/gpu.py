@@ -20,7 +20,9 @@ order; medians; ratios are medians of per-round ratios):
 * ``torch.compile`` (``--compile``, default on a GPU): compiled LoRA step vs the compiled floor,
   and the compile time;
 * GaLore's subspace refresh for the 14 largest projection matrices (2 layers' worth of 2048 ×
-  5632 and 2048 × 2048 gradients): full SVD vs randomized SVD, and galore-torch if installed.
+  5632 and 2048 × 2048 gradients): full SVD vs randomized SVD, and galore-torch if installed;
+  then ``GaLoreAdamW`` over one refresh cycle of 14 matrices of 2048 × 5632 (``refresh.py``'s
+  table): exact vs randomized, unstaggered vs staggered, and the defaults — the slowest step.
 """
 
 from __future__ import annotations
@@ -242,6 +244,14 @@ def main() -> None:
         print(t)
         parts.append(t)
     t = C.table(galore_table(args, device), ["GaLore refresh", "matrices", "seconds"], markdown=True)
+    print(t)
+    parts.append(t)
+    from refresh import latency_table  # GaLoreAdamW steps over one refresh cycle: the slowest step
+
+    cycle = argparse.Namespace(shape=(64, 172) if args.smoke else (2048, 5632), matrices=4 if args.smoke else 14,
+                               rank=args.galore_rank, gap=4 if args.smoke else 14, rounds=2 if args.smoke else 3)
+    rows, headers = latency_table(cycle, device)
+    t = C.table(rows, [f"GaLoreAdamW, {cycle.matrices} x {cycle.shape}, T={cycle.gap}", *headers[1:]], markdown=True)
     print(t)
     parts.append(t)
     wall = time.perf_counter() - t_start

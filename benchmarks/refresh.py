@@ -9,10 +9,11 @@ refreshes on a GPU):
 
 1. **Latency.** ``GaLoreAdamW`` on ``n`` matrices (default 14 of 512 x 1408: a quarter of the
    issue's 2048 x 5632 in each dimension) with their gradients set, stepped for one refresh cycle
-   of ``T`` steps after the first (whose step builds every basis in every configuration). Four
+   of ``T`` steps after the first (whose step builds every basis in every configuration). Five
    configurations, interleaved per round (``_common.interleaved``): svd / randomized_svd, each
    unstaggered (galore-torch's schedule: every SVD on one step of the cycle) and staggered (about
-   ``n / T`` SVDs on each step). Reported: the median step, the slowest step of a cycle (median
+   ``n / T`` SVDs on each step), and the defaults (``"auto"``: the first on the CPU, the fourth on
+   a GPU). Reported: the median step, the slowest step of a cycle (median
    over rounds), the whole cycle, and the slowest step as a multiple of galore-torch's.
 2. **Quality of the randomized basis.** The fraction of the gradient's energy the rank-``r`` basis
    captures, ``‖Pᵀ G‖²_F / ‖U_rᵀ G‖²_F`` (1 = the exact top-``r`` subspace), for the real
@@ -44,43 +45,55 @@ CONFIGS = {  # name: (projector, stagger_refresh)
     "randomized_svd, all on one step": ("randomized_svd", False),
     "svd, staggered": ("svd", True),
     "randomized_svd, staggered (GPU default)": ("randomized_svd", True),
+    "defaults (auto) on this device": ("auto", "auto"),
 }
 
 
-def power_law_gradient(m: int, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+def power_law_gradient(m: int, n: int, seed: int, device="cpu") -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
     k = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
-    v = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
-    sigma = 1.0 / torch.arange(1, k + 1, dtype=torch.float32)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g, device=device))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=g, device=device))[0]
+    sigma = 1.0 / torch.arange(1, k + 1, dtype=torch.float32, device=device)
     return (u * sigma) @ v.t()
 
 
-def cycle_fn(params, projector: str, stagger: bool, rank: int, gap: int, step_times: list):
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cycle_fn(params, projector: str, stagger, rank: int, gap: int, step_times: list):
     """One function per configuration: each call runs one refresh cycle (T steps) and appends the
     per-step seconds to ``step_times``; the first call also runs the initial step (every basis)."""
     opt = rw.optim.GaLoreAdamW([{"params": params, "rank": rank, "update_proj_gap": gap, "projector": projector,
                                  "stagger_refresh": stagger}], lr=1e-6)
     opt.step()  # step 0: every matrix builds its first basis
 
+    device = params[0].device
+
     def run():
         times = []
         for _ in range(gap):
+            sync(device)
             t0 = time.perf_counter()
             opt.step()
+            sync(device)
             times.append(time.perf_counter() - t0)
         step_times.append(times)
 
     return run
 
 
-def latency_table(args) -> tuple[list[list], list[str]]:
+def latency_table(args, device="cpu") -> tuple[list[list], list[str]]:
+    """The latency table for ``args.matrices`` matrices of ``args.shape`` on ``device`` (also used by
+    ``gpu.py``)."""
     m, n = args.shape
-    grads = [power_law_gradient(m, n, i) for i in range(args.matrices)]
+    grads = [power_law_gradient(m, n, i, device) for i in range(args.matrices)]
     times: dict[str, list[list[float]]] = {}
     fns = {}
     for name, (projector, stagger) in CONFIGS.items():
-        params = [torch.nn.Parameter(torch.zeros(m, n)) for _ in grads]
+        params = [torch.nn.Parameter(torch.zeros(m, n, device=device)) for _ in grads]
         for p, g in zip(params, grads):
             p.grad = g
         times[name] = []
