@@ -28,9 +28,9 @@ The gradients of part 1 are synthetic, ``U diag(σ) Vᵀ`` with ``σ_i = i^-1`` 
 from __future__ import annotations
 
 import argparse
-import time
 import os
 import sys
+import time
 
 import torch
 
