@@ -170,6 +170,16 @@ WORKER = SETUP + textwrap.dedent("""
         results["layerwise_fsdp_refused"] = torch.tensor(1.0)
         if rank == 0:
             print(e)
+    m = build()
+    fully_shard(m[0], mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    before = repr(m)
+    try:
+        rw.adapt(m, "lora", rank=4, targets=["0", "2"])
+    except rw.errors.ConfigError as e:
+        results["adapt_sharded_refused"] = torch.tensor(float(repr(m) == before))
+        if rank == 0:
+            print(e)
 
     states = [None, None]
     dist.all_gather_object(states, {k: v for k, v in results.items() if k.startswith("galore_state_rank")})
@@ -251,6 +261,14 @@ def test_fsdp_low_rank_state_is_identical_on_every_rank(distributed):
     one = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("galore_state_rank1/")}
     assert set(zero) == set(one) and any(k.endswith("exp_avg") for k in zero)
     assert all(torch.equal(zero[k], one[k]) for k in zero)
+
+
+def test_adapting_a_sharded_module_is_refused(distributed):
+    """An adapter added after fully_shard would be a plain tensor FSDP does not manage (its gradient never
+    averaged: the ranks drift apart silently); refused before the model changes, naming the module."""
+    _, results, out = distributed
+    assert float(results["adapt_sharded_refused"]) == 1.0  # refused, and the model's repr is unchanged
+    assert "module '0' is already sharded" in out and "Adapt before fully_shard" in out
 
 
 def test_layerwise_on_an_fsdp_model_is_refused(distributed):

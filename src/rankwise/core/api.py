@@ -23,6 +23,7 @@ from ..errors import (
 from . import calibrate
 from .adapted import AdaptedLayer, TrainedCopies
 from .config import AdapterConfig
+from .distributed import is_sharded
 from .layers import KINDS, LayerView, kind_of
 from .registry import get_method
 
@@ -264,6 +265,14 @@ def adapt(
         m = model.get_submodule(tname)
         view = m.view if isinstance(m, AdaptedLayer) else LayerView(m, tname)
         view.check_supported(cls.name, cls.kinds)
+        if is_sharded(view.weight):
+            raise ConfigError(
+                f"module '{tname}' is already sharded (FSDP2 fully_shard: its weight is a DTensor of shape "
+                f"{tuple(view.weight.shape)}); an adapter added now would be a plain tensor that FSDP does not "
+                "manage, so its gradients would not be averaged and the ranks would drift apart. Adapt before "
+                "fully_shard (on the meta device for a large model; then rw.load(..., overwrite=True) after "
+                "to_empty to load saved values, see docs/distributed.md)."
+            )
         if view.quantization is not None and "grad" in cls.calibration_needs:
             raise UnsupportedLayerError(
                 f"method '{cls.name}' initializes from the gradient of each target weight, but module '{tname}' "

@@ -19,6 +19,7 @@ shapes — before it changes the model, so a failed load leaves the model as it 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from ..core.api import (
 )
 from ..core.api import delete as delete_adapter
 from ..core.calibrate import LOAD_STATE
-from ..core.distributed import full, is_sharded, rank, unwrap
+from ..core.distributed import full, is_sharded, rank, shard_like, unwrap
 from ..core.layers import weight_shape
 from ..core.registry import get_method
 from ..errors import AdapterExistsError, ConfigError, CorruptFileError, ShapeMismatchError, TargetError
@@ -189,7 +190,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, read_tensors(w_file, "Save the adapter again.")
 
 
-def load(model: nn.Module, path: str | Path, names=None, active=True, trainable: bool = False) -> nn.Module:
+def load(model: nn.Module, path: str | Path, names=None, active=True, trainable: bool = False,
+         overwrite: bool = False) -> nn.Module:
     """Load adapters saved by :func:`save` onto ``model`` (a fresh base model); return ``model``.
 
     ``trainable=False`` (default, for inference, as PEFT's ``is_trainable=False``): the loaded
@@ -197,6 +199,16 @@ def load(model: nn.Module, path: str | Path, names=None, active=True, trainable:
     them (each method's own frozen tensors stay frozen). All checks happen before the model
     changes: a module that is missing or has another shape fails with an error naming it and
     both shapes, and nothing is loaded.
+
+    ``overwrite=True``: an adapter the model already has under a saved name takes the saved values
+    in place — the same ``Parameter`` objects, so an optimizer built on them and FSDP2 sharding
+    stay valid (into a ``DTensor`` each rank copies its own shard of the saved tensor: no
+    communication). This loads a saved adapter into a model adapted on the meta device, sharded
+    with ``fully_shard`` and materialized with ``to_empty`` (``docs/distributed.md``). The adapter
+    must be the saved one's method, config and modules (else an error names what differs, before
+    anything changes) and not merged; ``trainable=False`` freezes it as any loaded adapter,
+    ``trainable=True`` keeps its trainable flags. Without ``overwrite`` an existing name is refused.
+    (PEFT's ``load_adapter`` copies into an existing adapter name silently, with no config check.)
     """
     cfg, tensors = read(path)
     saved = cfg["adapters"]
@@ -210,8 +222,9 @@ def load(model: nn.Module, path: str | Path, names=None, active=True, trainable:
     for name in names:
         if name not in saved:
             raise TargetError(f"{path} holds adapters {sorted(saved)}, not '{name}'.")
-        if name in state:
-            raise AdapterExistsError(f"model already has an adapter '{name}'; rw.delete(model, '{name}') first.")
+        if name in state and not overwrite:
+            raise AdapterExistsError(f"model already has an adapter '{name}'; rw.delete(model, '{name}') first "
+                                     "(or rw.load(..., overwrite=True) to load the saved values into it).")
         for mname, info in saved[name]["modules"].items():
             m = layers.get(mname) or modules.get(mname)
             if m is None:
@@ -248,14 +261,20 @@ def load(model: nn.Module, path: str | Path, names=None, active=True, trainable:
                         f"module '{mname}' (modules_to_save of adapter '{name}'): '{k[len(prefix):]}' has "
                         f"shape {tuple(t.shape)} in the file, but {got} in this model."
                     )
+        if name in state:  # overwrite=True
+            _check_existing(model, name, saved[name], path)
 
     # Add the adapters, check every tensor against them, and only then copy: a failure
     # removes what was added and restores the model's flags, so the model is unchanged.
     snap = snapshot(model)
+    existing = {name for name in names if name in state}  # overwrite=True: copied into in place
     added, plans = [], []
     try:
         for name in names:
             info = saved[name]
+            if name in existing:
+                plans.append((info, _plan(model, name, info, tensors)))
+                continue
             cls = get_method(info["method"])
             config = cls.Config.from_dict(info["config"])
             exact = config.replace(targets=exact_targets(info["modules"]), exclude=None,
@@ -325,7 +344,60 @@ def _plan(model, name, info, tensors) -> list:
 
 
 def _copy(model, info, plan, tensors) -> None:
+    """Copy the saved tensors into the model's, in place. Into an FSDP2-sharded (``DTensor``) tensor
+    each rank copies its own shard of the whole saved tensor (``shard_like``: every rank read the
+    same file, so no data moves)."""
     with torch.no_grad():
         for module, prefix, _, skip_ids in plan:
             for k, v in _own_state(module, skip_ids).items():
-                v.copy_(tensors[prefix + k])
+                t = tensors[prefix + k]
+                v.copy_(shard_like(t.to(device=v.device, dtype=v.dtype), v) if is_sharded(v) else t)
+
+
+def _jsonable(obj):
+    """``obj`` as it reads back from ``adapter_config.json`` (tuples become lists …), for comparing."""
+    return json.loads(json.dumps(obj))
+
+
+def _check_existing(model, name: str, info: dict, path) -> None:
+    """``overwrite=True``: the model's adapter ``name`` is the saved one's method, config (but the
+    target patterns: the adapted modules are compared instead) and modules, unmerged and not on
+    the meta device — so copying the saved values into it in place is exact."""
+    entry = adapter_state(model)[name]
+    have = entry["config"]
+    where = f"the model's adapter '{name}' and the one in {path}"
+    fix = (f"Adapt the model as the adapter was saved, or rw.delete(model, '{name}') and rw.load it as a new "
+           "adapter (before sharding the model).")
+    if have.method != info["method"]:
+        raise ConfigError(f"{where} differ in method: '{have.method}' in the model, '{info['method']}' in the "
+                          f"file; overwrite=True copies values only into the same method. {fix}")
+    mine = _jsonable(have.to_dict())
+    theirs = _jsonable(get_method(info["method"]).Config.from_dict(info["config"]).to_dict())
+    diff = [f"{k}={theirs.get(k)!r} in the file, {mine.get(k)!r} in the model"
+            for k in sorted(set(mine) | set(theirs)) if k not in ("targets", "exclude", "modules_to_save")
+            and mine.get(k) != theirs.get(k)]
+    if diff:
+        raise ConfigError(f"{where} differ in config: {'; '.join(diff)}. {fix}")
+    extra = sorted(set(info["modules"]) - set(entry["modules"]))
+    missing = sorted(set(entry["modules"]) - set(info["modules"]))
+    if extra or missing:
+        raise ConfigError(f"{where} adapt different modules: only in the file {extra}, only in the model {missing}. "
+                          f"{fix}")
+    for mname, m in info["modules"].items():
+        if _jsonable(entry.get("overrides", {}).get(mname) or None) != (m.get("overrides") or None):
+            raise ConfigError(f"{where} differ in the per-module config of module '{mname}': "
+                              f"{m.get('overrides')} in the file, {entry.get('overrides', {}).get(mname)} in the "
+                              f"model. {fix}")
+    if sorted(entry["modules_to_save"]) != sorted(info["modules_to_save"]):
+        raise ConfigError(f"{where} differ in modules_to_save: {sorted(info['modules_to_save'])} in the file, "
+                          f"{sorted(entry['modules_to_save'])} in the model. {fix}")
+    for lname, layer in adapted_layers(model):
+        if name in layer.merged:
+            raise ConfigError(f"adapter '{name}' is merged into module '{lname}'; overwriting its values would "
+                              "leave the old ΔW in the base weight. rw.unmerge(model) first (on every rank).")
+    meta = next((f"{lname}.adapters.{name}.{k}" for lname, layer in adapted_layers(model) if name in layer.adapters
+                 for k, t in layer.adapters[name].state_dict(keep_vars=True).items() if t.device.type == "meta"), None)
+    if meta is not None:
+        raise ConfigError(f"'{meta}' is on the meta device (it has no storage), so the values of adapter '{name}' in "
+                          f"{path} would be dropped. Materialize the model first (model.to_empty(device=...) and "
+                          "load its base weights), then rw.load.")
