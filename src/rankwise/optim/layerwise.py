@@ -99,17 +99,21 @@ def layerwise(model: nn.Module, opt_factory: Callable[[list[dict]], torch.optim.
     gradient over ``process_group`` (default: the world) with an ``all_reduce`` before stepping, so
     every replica steps on the same averaged gradient — what DDP would give — and the replicas stay
     identical (the GaLore projector too: it is computed from that same gradient). Do not wrap the
-    model in ``DistributedDataParallel``: DDP averages gradients *after* these hooks have already
-    stepped on the local ones (replicas would silently diverge), so a DDP-wrapped model is refused,
-    and so is an FSDP2-sharded one (its hooks would see gradients before the reduce-scatter).
+    model in ``DistributedDataParallel``: DDP would all-reduce each gradient again after these hooks
+    have stepped, and its buckets hold a copy of every gradient, which undoes the memory saving; a
+    DDP-wrapped model is refused (the Hugging Face Trainer wraps the model later, after the handle is
+    built: the weights are still right, ``tests/integrations/test_hf_trainer_ddp.py``), and so is an
+    FSDP2-sharded one (its hooks would see gradients before the reduce-scatter).
     """
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ConfigError(f"layerwise: accumulation_steps={accumulation_steps!r} must be an int ≥ 1.")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ConfigError(
-            "layerwise: the model is wrapped in DistributedDataParallel, which averages gradients only after "
-            "the layer-wise hooks have stepped on each process's local gradient, so the replicas would diverge. "
-            "Pass the unwrapped model (model.module): layerwise averages each gradient across processes itself.")
+            "layerwise: the model is wrapped in DistributedDataParallel, which would all-reduce every gradient a "
+            "second time after the layer-wise hooks have averaged it and stepped, and keeps gradient buckets the "
+            "size of all gradients (the memory layer-wise steps exist to save). Pass the unwrapped model "
+            "(model.module): layerwise averages each gradient across processes itself. (Under the Hugging Face "
+            "Trainer, which wraps the model after the handle is built, the result is still correct: tested.)")
     if any(is_sharded(p) for p in model.parameters()):
         raise ConfigError(
             "layerwise: the model is sharded (FSDP2 fully_shard: its parameters are DTensors), so a parameter's "
