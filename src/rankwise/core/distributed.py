@@ -147,6 +147,36 @@ def whole_parameter(p: torch.Tensor):
         p.copy_(shard_like(whole, p))
 
 
+def shard_adapters(model: nn.Module, **fsdp_kwargs) -> list[nn.Module]:
+    """``fully_shard`` every adapter of every adapted layer of ``model`` as its own FSDP2 unit, before
+    the layers (or the blocks holding them) and the root are sharded. An adapter's unit all-gathers
+    and reduce-scatters its own tensors, in their own dtype (float32 factors on a bfloat16 base), and
+    ``fsdp_kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward`` …) can differ from the base's.
+    Returns the adapter modules it sharded. A method whose tensors are shared between layers (VeRA's
+    frozen bases, …) is refused: its shared module would belong to several units."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .adapted import AdaptedLayer
+
+    model = unwrap(model)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    for name, layer in layers:
+        for aname, adapter in layer.adapters.items():
+            mine = {id(p) for p in adapter.parameters(recurse=False)} | {id(b) for b in adapter.buffers(recurse=False)}
+            if any(id(p) not in mine for p in [*adapter.parameters(), *adapter.buffers()]):
+                raise ConfigError(f"shard_adapters: adapter '{aname}' of module '{name}' holds tensors in submodules "
+                                  "(shared between layers, or nested), which cannot each belong to one FSDP unit; "
+                                  "shard the layers or blocks only (fully_shard(layer)), the adapters in them.")
+    done = []
+    for _, layer in layers:
+        for adapter in layer.adapters.values():
+            if any(is_sharded(p) for p in adapter.parameters()):
+                continue
+            fully_shard(adapter, **fsdp_kwargs)
+            done.append(adapter)
+    return done
+
+
 def layer_delta(layer: nn.Module, name: str) -> torch.Tensor:
     """``ΔW`` of adapter ``name`` of an ``AdaptedLayer`` in the layout and dtype of ``layer.base.weight``.
 
