@@ -12,14 +12,12 @@ Tolerance: float32 sums in another order, 1e-6.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from _gloo import PREAMBLE, run_two
 from safetensors.torch import load_file
 from torch import nn
 
@@ -82,18 +80,8 @@ SETUP = textwrap.dedent("""
         return (m(x) - y).square().mean()
 """)
 
-WORKER = SETUP + textwrap.dedent("""
-    import sys
-    import torch.distributed as dist
-    from safetensors.torch import save_file
+WORKER = SETUP + PREAMBLE + textwrap.dedent("""
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    x, y = batch()
-    xs, ys = x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]
-    results = {}
 
     def run(model, opt):
         for _ in range(STEPS):
@@ -231,15 +219,8 @@ WORKER = SETUP + textwrap.dedent("""
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    script = tmp / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp / "init"), str(tmp)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return tmp, load_file(tmp / "results.safetensors"), outs[0][0]
+    results, out = run_two(WORKER, tmp)
+    return tmp, results, out
 
 
 def _single(kind: str) -> dict[str, torch.Tensor]:
@@ -249,15 +230,8 @@ def _single(kind: str) -> dict[str, torch.Tensor]:
     x, y = env["batch"]()
     method = {"ddp_lora": "lora", "ddp_dora": "dora", "fsdp_lora": "lora", "fsdp_units_lora": "lora",
               "fsdp_units_dora": "dora"}.get(kind)
-    m = env["build"](method)
-    if kind.startswith("fsdp_units_"):
-        m = env["build_mixed"](kind.removeprefix("fsdp_units_"))
-        opt = torch.optim.AdamW(env["trainable"](m).values(), lr=1e-2)
-        for _ in range(env["STEPS"]):
-            env["loss_autocast"](m, x, y).backward()
-            opt.step()
-            opt.zero_grad()
-        return env["trainable"](m)
+    m = env["build_mixed" if kind.startswith("fsdp_units_") else "build"](method)
+    loss_of = env["loss_autocast" if kind.startswith("fsdp_units_") else "loss_of"]
     if kind == "layerwise_galore":
         handle = rw.optim.layerwise(m, env["galore"], params=env["galore_groups"](m))
         for _ in range(env["STEPS"]):
@@ -271,7 +245,7 @@ def _single(kind: str) -> dict[str, torch.Tensor]:
     else:
         opt = torch.optim.AdamW(env["trainable"](m).values(), lr=1e-2)
     for _ in range(env["STEPS"]):
-        env["loss_of"](m, x, y).backward()
+        loss_of(m, x, y).backward()
         opt.step()
         opt.zero_grad()
     return env["trainable"](m)

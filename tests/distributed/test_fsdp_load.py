@@ -19,13 +19,11 @@ checked in one process: the model is left bitwise unchanged.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from _gloo import PREAMBLE, run_two
 from safetensors.torch import load_file
 
 import rankwise as rw
@@ -55,22 +53,13 @@ SETUP = textwrap.dedent("""
         return (m(x) - y).square().mean()
 """)
 
-WORKER = SETUP + textwrap.dedent("""
-    import sys
-    import torch.distributed as dist
-    from safetensors.torch import save_file
+WORKER = SETUP + PREAMBLE + textwrap.dedent("""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from rankwise.core.distributed import shard_like
 
-    rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2,))
-    x, y = batch()
-    xs, ys = x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]
-    results = {}
 
     def shard(m):  # every adapted layer its own unit, then the root
         for layer in (m[0], m[2]):
@@ -155,15 +144,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def distributed(saved):
-    script = saved / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(saved / "init"), str(saved)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return load_file(saved / "results.safetensors")
+    return run_two(WORKER, saved)[0]
 
 
 def _oracle(saved, method: str):
