@@ -48,8 +48,13 @@ Several processes (``torch.distributed`` initialized with world size ``w > 1``, 
 - checkpoints: every rank calls :func:`save_checkpoint` with the same directory; the ranks' RNG
   states are gathered, **rank 0 alone writes**, and a barrier holds the others until the folder is
   complete. Parameters and optimizer state are rank 0's (DDP keeps them identical). On resume every
-  rank reads the folder and restores its own RNG state. FSDP2-sharded models are refused here (their
-  state is sharded: use ``torch.distributed.checkpoint``).
+  rank reads the folder and restores its own RNG state. An FSDP2-sharded model (``fully_shard``: its
+  parameters and their elementwise optimizer state are ``DTensor`` shards) is checkpointed whole:
+  every ``DTensor`` is all-gathered (a collective on every rank; the whole state passes through each
+  rank's memory, so a model too large for one device wants ``torch.distributed.checkpoint``) and
+  marked ``"__sharded__"`` in the JSON; on resume each rank keeps its own shard of it again
+  (:func:`rankwise.core.distributed.shard_like`), so the checkpoint also resumes with another number
+  of processes, or without sharding.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core.distributed import barrier, is_fsdp_sharded, is_sharded, rank, unwrap, world_size
+from .core.distributed import barrier, full, is_fsdp_sharded, is_sharded, rank, shard_like, unwrap, world_size
 from .core.rank import has_rank_hooks, rank_regularization, rank_step
 from .errors import ConfigError, CorruptFileError, NonFiniteLossError, ShapeMismatchError, close_names
 from .io.atomic import (
@@ -355,7 +360,7 @@ def train(
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip and check the true gradients
             # the loss and the gradient norm (clipped or not) read together: one host sync per step
-            norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            norm = full(nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))  # FSDP2: a DTensor
             mean_loss, norm_value = torch.stack([(total / config.grad_accum).float(),
                                                  norm.float().to(total.device)]).tolist()
             lr = optimizer.param_groups[0]["lr"]
@@ -523,16 +528,10 @@ def save_checkpoint(
     directory = Path(directory)
     _check_replaceable(directory)
     params = _checkpointed(model)
-    sharded = [name for name, t in params.items() if is_sharded(t)]
-    if sharded:
-        raise ConfigError(f"save_checkpoint: parameter {sharded[0]!r} is an FSDP2 / DTensor shard; a train "
-                          "checkpoint holds whole tensors. Save a sharded run with torch.distributed.checkpoint "
-                          "(dcp.save of get_state_dict(model, optimizer)), or train without checkpoint_dir.")
     world = world_size()
     rngs = _gather_rng() if world > 1 else None  # collective: every rank calls save_checkpoint
-    if world > 1 and rank() != 0:
-        barrier()  # returns once rank 0 has written the folder
-        return directory
+    # FSDP2 shards are gathered here, on every rank in the same order (collectives), before rank 0 writes
+    weights = {name: full(p).detach() for name, p in params.items()}
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -545,6 +544,9 @@ def save_checkpoint(
         "history": history,
         "world_size": world,
     }
+    if world > 1 and rank() != 0:
+        barrier()  # returns once rank 0 has written the folder
+        return directory
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i in range(torch.cuda.device_count()):
@@ -553,7 +555,7 @@ def save_checkpoint(
         tensors.update({f"rng.rank{r}.{k}": v for k, v in states.items()})
     try:
         with atomic_dir(directory, CHECKPOINT_NAMES, "checkpoint_dir", _is_checkpoint) as tmp:
-            save_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in params.items()})
+            save_tensors(tmp / "model.safetensors", weights)
             save_tensors(tmp / "optimizer.safetensors", tensors)
             write_json(tmp / "trainer_state.json", state)
     finally:
@@ -605,9 +607,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
 
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[name])
+            p.copy_(shard_like(saved[name].to(p.device), p))  # an FSDP2 shard takes its own part
     if optimizer is not None:
-        optimizer.load_state_dict(opt_state)
+        optimizer.load_state_dict(_reshard(opt_state, optimizer))
     if scheduler is not None:
         scheduler.load_state_dict(_decode(state["scheduler"], extra))
     if scaler is not None:
@@ -686,8 +688,30 @@ def _check_groups(directory: Path, saved: dict, optimizer: torch.optim.Optimizer
             f"optimizer has {have}; use the same optimizer (and trainable parameters) as the saved run.")
 
 
+class _Shard:
+    """A whole tensor read from a checkpoint that was an FSDP2 shard when saved (see :func:`_reshard`)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _reshard(opt_state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The decoded optimizer state with each entry saved from a ``DTensor`` laid out again like its
+    parameter (this rank's shard; the whole tensor when the parameter is not sharded now)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, entry in opt_state.get("state", {}).items():
+        for k, v in entry.items():
+            if isinstance(v, _Shard):
+                p = params[i]
+                entry[k] = shard_like(v.tensor.to(p.device), p)
+    return opt_state
+
+
 def _encode(obj, path: str, tensors: dict[str, torch.Tensor]):
-    """A JSON-able copy of ``obj``; each tensor goes to ``tensors[path]`` and is left as a marker."""
+    """A JSON-able copy of ``obj``; each tensor goes to ``tensors[path]`` and is left as a marker (an
+    FSDP2 ``DTensor`` is all-gathered — a collective — and its marker says ``"__sharded__"``)."""
+    if isinstance(obj, torch.Tensor) and is_sharded(obj):
+        return {**_encode(obj.full_tensor(), path, tensors), "__sharded__": True}
     if isinstance(obj, torch.Tensor):
         key = path.rstrip(".")
         # safetensors stores tensors contiguous; a transposed view (a projector's basis, column-major
@@ -716,6 +740,8 @@ def _encode(obj, path: str, tensors: dict[str, torch.Tensor]):
 
 def _decode(obj, tensors: dict[str, torch.Tensor]):
     if isinstance(obj, dict):
+        if obj.get("__sharded__") is True:
+            return _Shard(_decode({k: v for k, v in obj.items() if k != "__sharded__"}, tensors))
         if set(obj) in ({"__tensor__"}, {"__tensor__", "__dims__"}):
             key = obj["__tensor__"]
             if key not in tensors:
