@@ -188,6 +188,40 @@ WORKER = SETUP + PREAMBLE + textwrap.dedent("""
                 for k, v in st.items():
                     if torch.is_tensor(v) and v.ndim == 2 and not isinstance(v, torch.distributed.tensor.DTensor):
                         results[f"galore_state_rank{rank}/{i}/{k}"] = v
+    # GaLoreAdamW projects the shard: count the gathers (DTensor.full_tensor) of each optimizer step
+    from torch.distributed.tensor import DTensor
+    gathers = [0]
+    original_full = DTensor.full_tensor
+
+    def counting(self, *a, **k):
+        gathers[0] += 1
+        return original_full(self, *a, **k)
+
+    for name in ("GaLoreAdamW", "APOLLO"):
+        m = build()
+        for layer in (m[0], m[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        opt = getattr(rw.optim, name)(rw.optim.param_groups(m, rank=4, update_proj_gap=3), lr=1e-2)
+        counts = []
+        for _ in range(4):  # refreshes at steps 0 and 3
+            loss_of(m, xs, ys).backward()
+            DTensor.full_tensor = counting
+            gathers[0] = 0
+            try:
+                opt.step()
+            finally:
+                DTensor.full_tensor = original_full
+            counts.append(gathers[0])
+            opt.zero_grad()
+        results[f"gathers/{name}"] = torch.tensor(counts, dtype=torch.float32)
+        if name == "GaLoreAdamW":
+            st = opt.state[m[0].weight]  # 32 x 16: right projection, moments sharded by rows like W
+            results["galore_sharded_moment"] = torch.tensor([float(isinstance(st["exp_avg"], DTensor)),
+                                                            *st["exp_avg"].to_local().shape])
+            st = opt.state[m[2].weight]  # 8 x 32: left projection, moments r x n on every rank
+            results["galore_left_moment"] = torch.tensor([float(isinstance(st["exp_avg"], DTensor)),
+                                                         *st["exp_avg"].shape])
     try:
         m = build()
         fully_shard(m, mesh=mesh)
@@ -290,6 +324,18 @@ def test_adapters_in_their_own_units_keep_their_dtype(distributed):
         assert float(results[f"fsdp_units_{method}_dtypes_ok"]) == 1.0
     assert float(results["shard_adapters_vera_refused"]) == 1.0
     assert "adapter 'default' of module '0' holds tensors in submodules" in out
+
+
+def test_galore_projects_fsdp_shards_without_gathering_between_refreshes(distributed):
+    """GaLoreAdamW on FSDP2: the two weights are gathered (one all-gather of the gradient each) only on the
+    refresh steps 0 and 3; APOLLO steps each matrix whole (weight and gradient gathered: 2 per matrix, every
+    step). The right-projected 32 x 16 weight keeps its 32 x 4 moments sharded by rows (16 x 4 here), the
+    left-projected 8 x 32 one keeps 4 x 32 moments on every rank."""
+    _, results, _ = distributed
+    assert results["gathers/GaLoreAdamW"].tolist() == [2, 0, 0, 2]
+    assert results["gathers/APOLLO"].tolist() == [4, 4, 4, 4]
+    assert results["galore_sharded_moment"].tolist() == [1, 16, 4]
+    assert results["galore_left_moment"].tolist() == [0, 4, 32]
 
 
 def test_fsdp_low_rank_state_is_identical_on_every_rank(distributed):

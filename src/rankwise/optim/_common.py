@@ -58,6 +58,8 @@
   replicated: ``optimizer.state_dict()`` on any rank holds all of it. Cost per step and matrix: two
   all-gathers of its size (what FSDP's forward already moves) and one whole matrix and gradient in
   memory at a time. The other parameters take their elementwise AdamW step on the shard.
+  ``GaLoreAdamW`` (float32 moments, ``subspace_change="keep"``) projects the shard instead, with no
+  gather between refreshes: see :meth:`rankwise.optim.GaLoreAdamW._sharded_low_rank_step`.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..core.distributed import whole_parameter
+from ..core.distributed import is_sharded, whole_parameter
 from ..errors import ConfigError, TargetError
 from .projectors import KINDS, make_projector
 
@@ -366,6 +368,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if not self.is_low_rank(p, group):
                     self._fallback_step(p, group, state)  # elementwise: runs on an FSDP2 shard as it is
                     continue
+                if is_sharded(p) and self._sharded_low_rank_step(p, group, state):
+                    continue  # projected shard by shard (GaLoreAdamW)
                 with whole_parameter(p) as w:  # FSDP2 shard: the whole matrix (see the module docstring)
                     self._whole = {id(w): p}
                     try:
@@ -373,6 +377,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     finally:
                         self._whole = {}
         return loss
+
+    def _sharded_low_rank_step(self, p, group, state) -> bool:
+        """Step an FSDP2 shard ``p`` without gathering it, if this optimizer can; return whether it did
+        (else the step runs on the whole matrix, see the module docstring)."""
+        return False
 
     def _identity(self, p: torch.Tensor) -> torch.Tensor:
         """The parameter ``p`` stands for (itself, or the sharded parameter whose whole copy it is)."""

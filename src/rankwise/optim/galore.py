@@ -117,6 +117,62 @@ class GaLoreAdamW(LowRankOptimizer):
         apply_update_(p, update, step_size, group, "after" if group["adam_style"] == "hf" else "before")
 
 
+    def _sharded_low_rank_step(self, p, group, state) -> bool:
+        """One step of an FSDP2 shard (``Shard(0)`` on a 1-D mesh: this rank holds rows ``R`` of ``W``
+        and of ``G``) without gathering ``W`` or ``G`` between refreshes::
+
+            right (m ≥ n, Q n×r):  low_R = G_R Q          (local, m_R × r; moments sharded like W)
+                                    ΔW_R  = s · N_R Qᵀ     (local)
+            left  (m < n, P m×r):  low   = Σ_ranks P_Rᵀ G_R  (one all-reduce of r × n; moments replicated)
+                                    ΔW_R  = s · P_R N      (local)
+
+        On a refresh step the gradient is all-gathered once and every rank computes the same basis
+        from it. The arithmetic is the single-process step's, rows apart (the tests compare). Only for
+        float32 moments (``type(self)`` is ``GaLoreAdamW``) and ``subspace_change="keep"`` with a
+        refreshed (not ``online_pca``) basis; otherwise ``False``: the step runs on the whole matrix."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        from ..core.distributed import shard_like
+
+        if (type(self) is not GaLoreAdamW or group["subspace_change"] != "keep"
+                or group["projector"] == "online_pca" or p.device_mesh.ndim != 1
+                or tuple(p.placements) != (Shard(0),) or tuple(p.grad.placements) != (Shard(0),)):
+            return False
+        if "step" not in state:
+            state["step"] = 0
+        shape = (p.shape[0], p.numel() // p.shape[0])
+        local = p.grad.to_local().reshape(p.grad.to_local().shape[0], -1)
+        proj = self.projector(p, group, state)
+        if proj._side is None:
+            proj._bind_shape(shape)
+        if proj.due(state["step"]):  # the same on every rank: same step, same offsets
+            whole = p.grad.full_tensor()
+            self.refresh_projector(p, group, state, whole.reshape(shape), self.moment_keys)
+        thin = proj._thin().to(local.dtype)
+        if proj.side == "left":
+            rows = shard_like(thin, p).to_local()  # this rank's rows of P
+            low = rows.t() @ local
+            torch.distributed.all_reduce(low, group=p.device_mesh.get_group())
+        else:
+            low = local @ thin.t()
+        if "exp_avg" not in state:
+            for k in self.moment_keys:
+                zeros = torch.zeros_like(low)
+                state[k] = zeros if proj.side == "left" else DTensor.from_local(
+                    zeros, p.device_mesh, [Shard(0)], shape=(shape[0], low.shape[1]),
+                    stride=(low.shape[1], 1))
+        exp_avg, exp_avg_sq = (state[k] if proj.side == "left" else state[k].to_local() for k in self.moment_keys)
+        style = group["adam_style"]
+        state["step"] += 1
+        adam_moments_(exp_avg, exp_avg_sq, low, group["betas"], style)
+        direction, step_size = adam_direction(exp_avg, exp_avg_sq, self.bias_step(state), group, style)
+        update = rows @ direction if proj.side == "left" else direction @ thin
+        if proj.scale != 1.0:
+            update = update * proj.scale
+        apply_update_(p.to_local(), update, step_size, group, "after" if style == "hf" else "before")
+        return True
+
+
 class GaLoreAdamW8bit(GaLoreAdamW):
     """:class:`GaLoreAdamW` with block-wise 8-bit moments (pure torch, or bitsandbytes kernels).
 
