@@ -97,11 +97,21 @@ def is_fsdp_sharded(model: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------- merging
 @contextlib.contextmanager
-def gathered(*modules: nn.Module | None):
+def gathered(*modules: nn.Module | None, grads: bool = False, write_back: bool = False,
+             differentiable: bool = False, optimizers=()):
     """Inside the block, every ``DTensor`` parameter of ``modules`` (and their submodules) is replaced
     by its whole tensor (all-gathered: a collective, so every rank must enter the block); the shards
-    are put back on exit. Plain parameters are left as they are."""
+    are put back on exit. Plain parameters are left as they are.
+
+    ``differentiable``: the whole tensor is ``p.full_tensor()`` itself, so a loss computed from it
+    sends its gradient back to the shard (a rank's rows of it: no communication). ``grads``: the whole
+    tensor gets the whole ``.grad``. ``write_back``: on exit each rank copies its shard of the (changed)
+    whole tensor into ``p`` (and its ``requires_grad``); a parameter replaced or reshaped inside the
+    block cannot be sharded back and raises :class:`~rankwise.errors.ConfigError`. ``optimizers``:
+    inside the block they hold the whole parameters (in their param groups, with their state gathered),
+    so code that finds a parameter's learning rate or state by identity finds it; restored on exit."""
     swapped = []
+    moved = []  # (optimizer, group lists before, {whole: (p, keys that were sharded)})
     try:
         for module in modules:
             if module is None:
@@ -109,11 +119,49 @@ def gathered(*modules: nn.Module | None):
             for sub in module.modules():
                 for name, p in list(sub._parameters.items()):
                     if p is not None and is_sharded(p):
-                        sub._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-                        swapped.append((sub, name, p))
+                        if differentiable:
+                            whole = p.full_tensor()
+                        else:
+                            whole = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                            if grads and p.grad is not None:
+                                whole.grad = p.grad.full_tensor()
+                        sub._parameters[name] = whole
+                        swapped.append((sub, name, p, whole))
+        remap = {id(p): whole for _, _, p, whole in swapped}
+        for opt in optimizers if remap else ():
+            before = [g["params"] for g in opt.param_groups]
+            states = {}
+            for g in opt.param_groups:
+                g["params"] = [remap.get(id(q), q) for q in g["params"]]
+            for _, _, p, whole in swapped:
+                if p in opt.state:
+                    st = opt.state.pop(p)
+                    keys = [k for k, v in st.items() if is_sharded(v)]
+                    opt.state[whole] = {k: (v.full_tensor() if k in keys else v) for k, v in st.items()}
+                    states[whole] = (p, keys)
+            moved.append((opt, before, states))
         yield
+        if write_back:
+            with torch.no_grad():
+                for sub, name, p, whole in swapped:
+                    now = sub._parameters.get(name)
+                    if now is not whole or tuple(now.shape) != tuple(p.shape):
+                        raise ConfigError(
+                            f"{type(sub).__name__}.{name}: the method replaced or resized this parameter "
+                            f"({tuple(p.shape)} -> {tuple(now.shape) if now is not None else None}) while it is an "
+                            "FSDP2 shard; a rank-changing method cannot run on a sharded model. Train it with "
+                            "DistributedDataParallel (adapters are small), or shard the base only.")
+                    p.copy_(shard_like(whole.detach(), p))
+                    p.requires_grad_(whole.requires_grad)
     finally:
-        for sub, name, p in reversed(swapped):
+        for opt, before, states in moved:
+            for g, params in zip(opt.param_groups, before):
+                g["params"] = params
+            for whole, (p, keys) in states.items():
+                st = opt.state.pop(whole, {})
+                opt.state[p] = {k: (shard_like(v, p) if k in keys and tuple(v.shape) == tuple(p.shape) else v)
+                                for k, v in st.items()}
+        for sub, name, p, _ in reversed(swapped):
             sub._parameters[name] = p
 
 

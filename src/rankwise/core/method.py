@@ -81,7 +81,10 @@ class Method(nn.Module):
     * ``deterministic_init`` — the init is a function of ``W0`` alone (every seed gives the same
       adapter);
     * ``default_lr`` — the learning rate measured on the demo task; ``demo_options`` — the
-      method's usual hyperparameters for the demo (VeRA's rank 256, say).
+      method's usual hyperparameters for the demo (VeRA's rank 256, say);
+    * ``resizes`` — its parameters change shape while training (a rank that grows): it cannot
+      train on an FSDP2-sharded model, whose shards are fixed (``rw.rank_step`` /
+      ``rw.rank_regularization`` say so instead of failing inside a hook).
     """
 
     name: ClassVar[str] = ""
@@ -100,6 +103,7 @@ class Method(nn.Module):
     calibration_needs: ClassVar[tuple[str, ...]] = ()
     calibration_options = None
     plan = None
+    resizes: ClassVar[bool] = False
     on_step = None
     rank_regularization = None
     shared = None

@@ -26,6 +26,13 @@ are ``|θ · ∇θ|``) and before a scheduler changes the learning rate (SoRA th
   adapter's saved overrides, so ``rw.save`` / ``rw.load`` rebuild them;
 * ``rank_regularization(model, name) -> Tensor | None`` (classmethod): a term to add to the loss.
 
+Under FSDP2 the hooks see whole tensors: every ``DTensor`` of the adapter and of its layers' base
+weights is all-gathered for the call (:func:`rankwise.core.distributed.gathered`: for ``on_step`` with
+its gradient and the optimizers' state, in-place changes then cut back into the shards; differentiably
+for ``rank_regularization``, whose gradient reaches the shards). That is one all-gather of each adapted
+layer per step and hook, for the methods that have hooks. A hook that replaces or resizes a parameter
+(a rank that grows or shrinks) is refused there with a clear error.
+
 ``rank_step`` also runs :func:`rankwise.pretrain.pretrain_step` for a model parametrized with
 :func:`rankwise.pretrain.parametrize` (ReLoRA's merge-and-reinit, SLTrain's refactorization …), so
 those events need no extra call either; its info is returned under the key ``"pretrain"``.
@@ -36,7 +43,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .api import adapter_state
+from .distributed import gathered, is_sharded
 from .registry import get_method
 
 
@@ -48,11 +57,28 @@ def _optimizers(optimizer) -> list:
     return list(optimizer)
 
 
+def _adapter_modules(model: nn.Module, name: str) -> list[nn.Module]:
+    """The modules a hook of adapter ``name`` may read: each layer's adapter and base layer (hooks read
+    ``W0``), and the adapter's shared module."""
+    from .api import adapted_layers
+
+    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    shared = adapter_state(model)[name].get("shared")
+    return ([layer.adapters[name] for layer in layers] + [layer.base for layer in layers]
+            + ([shared] if isinstance(shared, nn.Module) else []))
+
+
 def _hooked(model: nn.Module, hook: str):
     for name, entry in adapter_state(model).items():
         cls = get_method(entry["config"].method)
         fn = getattr(cls, hook)
         if fn is not None:
+            if cls.resizes and any(is_sharded(p) for m in _adapter_modules(model, name) for p in m.parameters()):
+                raise ConfigError(
+                    f"adapter '{name}': method '{cls.name}' changes the shape of its parameters while training (its "
+                    "rank grows), but the model is FSDP2-sharded and shards have fixed shapes. Train it with "
+                    "DistributedDataParallel (adapters are small: rankwise.train wraps an unsharded model), or use a "
+                    "fixed-rank method (adalora masks its rank instead of growing it).")
             yield name, fn
 
 
@@ -67,7 +93,8 @@ def rank_step(model: nn.Module, step: int, optimizer=None, total_steps: int | No
     opts = _optimizers(optimizer)
     out = {}
     for name, fn in _hooked(model, "on_step"):
-        info = fn(model, name, step, opts, total_steps)
+        with gathered(*_adapter_modules(model, name), grads=True, write_back=True, optimizers=opts):  # FSDP2
+            info = fn(model, name, step, opts, total_steps)
         if info:
             out[name] = info
     from ..pretrain import pretrain_step  # lazy: rankwise.pretrain imports the parametrizations
@@ -83,7 +110,8 @@ def rank_regularization(model: nn.Module) -> torch.Tensor | None:
     one, …), or None if none has one."""
     total = None
     for name, fn in _hooked(model, "rank_regularization"):
-        term = fn(model, name)
+        with gathered(*_adapter_modules(model, name), differentiable=True):  # FSDP2: gradients reach the shards
+            term = fn(model, name)
         if term is not None:
             total = term if total is None else total + term
     return total

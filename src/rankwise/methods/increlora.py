@@ -137,6 +137,7 @@ class IncreLora(Triplets):
 
     Config = IncreLoraConfig
     summary = "ΔW = α/r·B diag(λ) A, ranks added every k steps to the modules with the top ΔW importance (Zhang et al. 2023)"
+    resizes = True  # grows its rank while training (FSDP2 cannot shard it)
 
     def __init__(self, view: LayerView, config: IncreLoraConfig, generator=None, calibration=None):
         super().__init__(view, config)

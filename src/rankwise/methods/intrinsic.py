@@ -153,7 +153,8 @@ class Intrinsic(Method):
         self.numel = view.weight.numel()
         key = [layer_seed(self.vector.seed, view.name), self.numel, padded_length(self.numel, config.dim)]
         self.ff = Fastfood(key, device=view.weight.device)
-        self.said_lambda = nn.Parameter(torch.ones((), **view.factory_kwargs)) if config.said else None
+        # λ_i as a 1-element vector, not a 0-d scalar: FSDP2 (fully_shard) cannot shard a 0-d parameter
+        self.said_lambda = nn.Parameter(torch.ones(1, **view.factory_kwargs)) if config.said else None
 
     @classmethod
     def num_params(cls, view: LayerView, config: IntrinsicConfig) -> int:
