@@ -2,7 +2,7 @@
 the distributed tests. A worker is ``SETUP + PREAMBLE + body``: it is called as
 ``python worker.py RANK INIT_FILE OUT_DIR``, has ``rank``, ``out``, the whole batch ``x, y`` (from the
 setup's ``batch()``), this rank's half ``xs, ys`` and a ``results`` dict, and rank 0 saves ``results``
-to ``OUT_DIR/results.safetensors``."""
+to ``OUT_DIR/results.safetensors`` when the worker ends with ``EPILOGUE``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ PREAMBLE = textwrap.dedent("""
     x, y = batch()
     xs, ys = x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]
     results = {}
+""")
+
+
+EPILOGUE = textwrap.dedent("""
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/results.safetensors")
+    from rankwise.core.distributed import shutdown
+    shutdown()  # barrier, then destroy the group: no rank tears down while the other still sends
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import os
+    os._exit(0)  # skip interpreter finalization, where leftover gloo threads can abort the process
 """)
 
 

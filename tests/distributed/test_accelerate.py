@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
     from torch import nn
 
     import rankwise as rw
-    from rankwise.core.distributed import init_from_env, rank, world_size
+    from rankwise.core.distributed import init_from_env, rank, shutdown, world_size
     from rankwise.io.atomic import save_tensors
     from rankwise.train import TrainConfig, train
 
@@ -83,6 +83,7 @@ SCRIPT = textwrap.dedent("""
     if rank() == 0:
         save_tensors(out / "weights.safetensors", tensors)
         print(f"rank {rank()} wrote weights", flush=True)
+    shutdown()  # every rank done, then the group destroyed (nothing without a launcher)
 """)
 
 

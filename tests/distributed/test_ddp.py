@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _gloo import PREAMBLE, run_two
+from _gloo import EPILOGUE, PREAMBLE, run_two
 from safetensors.torch import load_file
 from torch import nn
 
@@ -245,9 +245,7 @@ WORKER = SETUP + PREAMBLE + textwrap.dedent("""
     dist.all_gather_object(states, {k: v for k, v in results.items() if k.startswith("galore_state_rank")})
     if rank == 0:
         results.update(states[1])
-        save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/results.safetensors")
-    dist.destroy_process_group()
-""")
+""") + EPILOGUE
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import textwrap
 
 import pytest
 import torch
-from _gloo import PREAMBLE, run_two
+from _gloo import EPILOGUE, PREAMBLE, run_two
 from safetensors.torch import load_file
 
 import rankwise as rw
@@ -109,11 +109,7 @@ WORKER = SETUP + PREAMBLE + textwrap.dedent("""
             opt.step()
             opt.zero_grad()
         results.update({f"after/{method}/trained/{n}": p.full_tensor().detach() for n, p in now.items()})
-
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/results.safetensors")
-    dist.destroy_process_group()
-""")
+""") + EPILOGUE
 
 
 def _env() -> dict:

@@ -21,7 +21,7 @@ import textwrap
 
 import pytest
 import torch
-from _gloo import PREAMBLE, run_two
+from _gloo import EPILOGUE, PREAMBLE, run_two
 
 import rankwise as rw
 
@@ -93,9 +93,7 @@ WORKER = SETUP + PREAMBLE + textwrap.dedent("""
     if rank == 0:
         import json
         print("ERRORS " + json.dumps(errors))
-        save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/results.safetensors")
-    dist.destroy_process_group()
-""")
+""") + EPILOGUE
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,10 @@ WORKER = textwrap.dedent("""
         weights = full_state_dict(m)
         if rank == 0:
             save_tensors(f"{out}/resumed.safetensors", weights)
-    dist.destroy_process_group()
+    from rankwise.core.distributed import shutdown
+    shutdown()  # barrier, then destroy the group: no rank tears down while the other still sends
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter finalization, where leftover gloo threads can abort the process
 """)
 
 

@@ -62,6 +62,8 @@ SCRIPT = textwrap.dedent("""
         after = {k: v.detach() for k, v in model.state_dict().items()}
         save_tensors(os.path.join(sys.argv[1], "weights.safetensors"),
                      {**after, **{"before." + k: v for k, v in before.items()}})
+    from rankwise.core.distributed import shutdown
+    shutdown()  # every rank done, then the group destroyed (nothing in one plain process)
 """)
 
 

@@ -264,6 +264,9 @@ def main(argv=None) -> int:
         line, code = error_line(e, parser, args)
         print(line, file=sys.stderr)
         return code
+    from ..core.distributed import shutdown
+
+    shutdown()  # a run on several processes (--nproc, torchrun): every rank done, then the group destroyed
     return result if isinstance(result, int) else 0
 
 

@@ -19,8 +19,9 @@
 
 Helpers for launched processes (``torchrun``, ``accelerate launch``): :func:`init_from_env` joins
 the process group the launcher describes (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` in the
-environment; gloo on CPU, nccl on CUDA), :func:`torchrun_command` builds the command that runs a
-module on ``n`` local processes through ``torch.distributed.run``.
+environment; gloo on CPU, nccl on CUDA), :func:`shutdown` leaves it at the end of a successful run,
+:func:`torchrun_command` builds the command that runs a module on ``n`` local processes through
+``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -321,6 +322,21 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
+
+
+def shutdown() -> None:
+    """End this process's part of a multi-process run after it succeeded: wait for every rank
+    (``barrier``: no rank tears down while another still sends to it), then destroy the process
+    groups, so gloo/NCCL threads are not left to the interpreter's exit (where they abort with
+    "terminate called without an active exception"). Not for a failed rank: the others would wait at
+    the barrier; the launcher stops them. Nothing happens without ``torch.distributed``."""
+    import torch.distributed as dist
+
+    if not initialized():
+        return
+    if world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def launched() -> bool:

@@ -86,7 +86,7 @@ GROUP_DEFAULTS = {
     "projector": "auto",         # projector kind (rankwise.optim.projectors.KINDS); auto: svd on CPU, else randomized_svd
     "projector_options": None,   # dict of kind options (seed, oversample, power_iters, pca_lr, ...)
     "subspace_change": "keep",   # keep | reset | reproject
-    "stagger_refresh": "auto",   # True: parameter i of n refreshes at steps ≡ ⌊i·T/n⌋ (mod T); auto: off on CPU only
+    "stagger_refresh": "auto",   # True: parameter i of n refreshes at steps ≡ ⌊i·T/n⌋ (mod T); auto: SVD kinds on GPU
 }
 
 
@@ -142,7 +142,7 @@ def check_group(owner: str, group: dict) -> None:
     if not isinstance(stagger, bool) and stagger != "auto":
         raise ConfigError(f"{where}: stagger_refresh={stagger!r} must be True (spread the subspace refreshes of "
                           "the group's matrices over the T steps), False (all on the same steps, as galore-torch) "
-                          "or 'auto' (True on an accelerator, False on the CPU).")
+                          "or 'auto' (True for the SVD projectors on an accelerator, else False).")
     mode = group.get("subspace_change")
     if mode not in SUBSPACE_CHANGES:
         raise ConfigError(f"{where}: subspace_change={mode!r} must be one of {SUBSPACE_CHANGES}.")
