@@ -88,8 +88,19 @@ WORKER = SETUP + PREAMBLE + textwrap.dedent("""
             fully_shard(m, mesh=mesh)
             fit(m, x, y)  # train() hands each rank its half of the global batch
             results.update({f"{method}/{n}": p.full_tensor().detach() for n, p in trainable(m).items()})
+            rw.save(m, f"{out}/saved_{method}")  # every rank: the shards gathered, rank 0 writes
+            m.eval()
+            with torch.no_grad():
+                results[f"out.unmerged/{method}"] = m(x)
         except Exception as e:  # reported per method by the test
             errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        try:
+            rw.merge(m)  # every rank: ΔW from the gathered factors, each rank adds its shard
+            with torch.no_grad():
+                results[f"out.merged/{method}"] = m(x)
+        except Exception as e:
+            errors[f"{method}:merge"] = type(e).__name__
     if rank == 0:
         import json
         print("ERRORS " + json.dumps(errors))
@@ -100,16 +111,17 @@ WORKER = SETUP + PREAMBLE + textwrap.dedent("""
 def distributed(tmp_path_factory):
     import json
 
-    results, out = run_two(WORKER, tmp_path_factory.mktemp("fsdp_methods"))
+    tmp = tmp_path_factory.mktemp("fsdp_methods")
+    results, out = run_two(WORKER, tmp)
     errors = json.loads(next(line for line in out.splitlines() if line.startswith("ERRORS "))[len("ERRORS "):])
-    return results, errors
+    return results, errors, tmp
 
 
 RESIZING = [m for m in rw.methods() if rw.get_method(m).resizes]  # IncreLoRA: its rank grows
 
 
 def test_methods_that_resize_are_refused_clearly(distributed):
-    _, errors = distributed
+    _, errors, _ = distributed
     assert RESIZING and set(RESIZING) <= set(errors)
     for method in RESIZING:
         assert errors[method].startswith("ConfigError: adapter 'default': method") and "FSDP2" in errors[method]
@@ -117,7 +129,7 @@ def test_methods_that_resize_are_refused_clearly(distributed):
 
 @pytest.mark.parametrize("method", [m for m in rw.methods() if m not in RESIZING])
 def test_method_trains_under_fsdp_like_one_process(distributed, method):
-    results, errors = distributed
+    results, errors, _ = distributed
     assert method not in errors, errors.get(method)
     env: dict = {}
     exec(compile(SETUP, "setup", "exec"), env)
@@ -132,3 +144,36 @@ def test_method_trains_under_fsdp_like_one_process(distributed, method):
         torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-5,
                                    msg=lambda msg, name=name: f"{method}: {name}: {msg}")
     assert any(not torch.equal(before[n], p) for n, p in want.items())  # it trained
+
+
+@pytest.mark.parametrize("method", [m for m in rw.methods() if m not in RESIZING])
+def test_saved_adapter_and_merged_model_under_fsdp_match_one_process(distributed, method):
+    """After the 2 steps: ``rw.save`` on every rank writes the complete adapter (loaded onto a fresh base it
+    holds the one-process tensors), and the model's output unmerged and after ``rw.merge`` on the shards
+    equals one process's (atol 1e-5); a method that cannot merge fails the same way in both."""
+    results, errors, tmp = distributed
+    assert method not in errors, errors.get(method)
+    env: dict = {}
+    exec(compile(SETUP, "setup", "exec"), env)
+    x, y = env["batch"]()
+    m = env["build"](method)
+    env["fit"](m, x, y)
+    want = {n: p.detach().clone() for n, p in env["trainable"](m).items()}
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    saved = tmp / f"saved_{method}"
+    loaded = {n: p for n, p in rw.load(base, saved).named_parameters() if n in want}
+    assert set(loaded) == set(want)
+    for name, p in want.items():
+        torch.testing.assert_close(loaded[name].detach(), p, rtol=1e-5, atol=1e-5)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(results[f"out.unmerged/{method}"], m(x), rtol=1e-5, atol=1e-5)
+    try:
+        rw.merge(m)
+    except Exception as e:  # noqa: BLE001 - the same refusal on the sharded model
+        assert errors.get(f"{method}:merge") == type(e).__name__
+        return
+    assert f"{method}:merge" not in errors, errors[f"{method}:merge"]
+    with torch.no_grad():
+        torch.testing.assert_close(results[f"out.merged/{method}"], m(x), rtol=1e-5, atol=1e-5)
