@@ -127,9 +127,8 @@ class _DoraLinear(torch.autograd.Function):
         h = torch.mm(x2, a.t())
         keep_x = ctx.needs_input_grad[2]  # A is trained: keep x (held anyway), rebuild h
         ctx.save_for_backward(x if keep_x else None, None if keep_x else h, base_out, a, b, g, bias)
-        out = bo * g
-        if bias is not None:
-            out.add_(bias * (1.0 - g))
+        # one pass over the N × out output for g ⊙ base_out (+ (1 − g) ⊙ bias), one for the low-rank term
+        out = bo * g if bias is None else torch.addcmul(bias * (1.0 - g), bo, g)
         out.addmm_(h, (b * (g * scale)[:, None]).t())
         return out.view(base_out.shape)
 
