@@ -54,10 +54,11 @@ def run_finetune(args) -> dict:
     from .main import _targets
 
     full = args.method == FULL
+    device = rd.device_for(getattr(args, "device", "auto"))  # checked before any process starts
     if getattr(args, "nproc", 1) > 1 and not rd.launched():  # re-run this command on N processes (torchrun)
         check_out(args.out, "finetune", OUT_NAMES, adapters=("adapter", "best"), models=("model", "best"))
         return rd.relaunch(args.nproc, args._argv)
-    rd.init_from_env()  # under torchrun / accelerate launch: join the group (train() then wraps in DDP)
+    rd.init_from_env(rd.backend_for(device))  # under torchrun / accelerate launch: join the group (train() wraps in DDP)
     main = rd.is_main()  # only rank 0 writes
     out = check_out(args.out, "finetune", OUT_NAMES, adapters=("adapter", "best"), models=("model", "best"))
     check_model_path(args.model, "--model")
@@ -89,6 +90,7 @@ def run_finetune(args) -> dict:
                           f"{args.batch_size}; pass --batch-size {len(train_ds)} or less, or add data.")
     start, prior = (_resume_point(ckpt, args.steps) if args.resume else (0, []))
     model, tok = load_sequence_classifier(args.model, num_labels=len(data.label_names), seed=args.seed)
+    model.to(device)  # before adapting: adapters are created on their layer's device
     id2label = dict(enumerate(data.label_names))
     model.config.id2label, model.config.label2id = id2label, {v: k for k, v in id2label.items()}
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -101,7 +103,7 @@ def run_finetune(args) -> dict:
             else _head_names(model))
     opts = {} if full else method_options(
         args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=_targets(args.targets))
-    task = ClassificationTask(tok, max_length=max_length)
+    task = ClassificationTask(tok, max_length=max_length, device=device)  # batches on the model's device
     train_enc, valid_enc = task.encode(train_ds), task.encode(valid_ds)
     model = prepare(model, args.method, opts, head, args.seed,
                     **common.calibration_for(args.method, task, train_enc, args.batch_size))

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--nproc", type=positive_int, default=1,
                    help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl on "
                         "CUDA); --batch-size is the global micro-batch, split evenly; rank 0 writes the outputs")
+    f.add_argument("--device", default="auto",
+                   help="auto (default: cuda:LOCAL_RANK when CUDA is available, one GPU per process, else cpu), cpu, "
+                        "cuda, cuda:N")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     m = sub.add_parser("methods", help="list registered methods")

@@ -195,7 +195,8 @@ def collate(items: list[torch.Tensor]) -> torch.Tensor:
 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats per token)."""
+    """Mean next-token cross-entropy (nats per token); ``ids`` go to the model's device (``--device``)."""
+    ids = ids.to(next(model.parameters()).device)
     return model(input_ids=ids, labels=ids).loss
 
 
@@ -502,10 +503,11 @@ def run_pretrain(args) -> dict:
     if nproc > 1 and getattr(args, "skip_spikes", False):
         raise ConfigError("pretrain: --skip-spikes with --nproc > 1 would drop a step on one process only (each sees "
                           "its own part of the batch); drop --skip-spikes, or use --nproc 1.")
+    device = rd.device_for(getattr(args, "device", "auto"))  # checked before any process starts
     if nproc > 1 and not rd.launched():  # re-run this command on N processes through torchrun
         _check_out(args.out)
         return rd.relaunch(nproc, args._argv)
-    rd.init_from_env()  # under torchrun / accelerate launch: join the group (train() then wraps in DDP)
+    rd.init_from_env(rd.backend_for(device))  # under torchrun / accelerate launch: join the group (train() wraps in DDP)
     main = rd.is_main()  # only rank 0 writes
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -521,7 +523,7 @@ def run_pretrain(args) -> dict:
         if saved is None:
             raise ConfigError(f"rankwise pretrain --resume: {out / 'run.json'} is missing or damaged, so the run that "
                               "wrote the checkpoint is unknown; run without --resume to start from step 0.")
-    model = build_model(args.model_config, seed=args.seed)
+    model = build_model(args.model_config, seed=args.seed).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     kind = getattr(args, "parametrization", "full")
     parametrize_model(model, kind, rank=getattr(args, "param_rank", None), density=getattr(args, "density", None),
@@ -722,6 +724,9 @@ def add_parser(sub) -> None:
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl "
                         "on CUDA); --batch-size is the global batch, split evenly; rank 0 writes the outputs")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda:LOCAL_RANK when CUDA is available, one GPU per process, else cpu), cpu, "
+                        "cuda, cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32, or bf16 / fp16 mixed precision: the forward under torch.autocast, float32 weights and "
                         "optimizer (fp16 with a loss scaler; rankwise.train.TrainConfig.precision) (default: fp32)")

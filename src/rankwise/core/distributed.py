@@ -305,6 +305,29 @@ def full_state_dict(model: nn.Module, *, dense: bool = False) -> dict[str, torch
 
 
 # --------------------------------------------------------------------------------------- launching
+def device_for(name: str = "auto") -> torch.device:
+    """The device a process of a (possibly launched) run works on: ``"auto"`` is ``cuda:LOCAL_RANK``
+    when CUDA is available (one GPU per process under ``torchrun``; ``cuda:0`` alone), else the CPU;
+    ``"cuda"`` is ``cuda:LOCAL_RANK``; anything else is taken as written (``"cpu"``, ``"cuda:1"``, ``"mps"``).
+    A CUDA device without CUDA is a :class:`~rankwise.errors.ConfigError`."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device("cuda", local) if name == "cuda" else torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {name!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available in this torch build or machine "
+                          f"(torch {torch.__version__}); use --device cpu (or auto).")
+    return device
+
+
+def backend_for(device: torch.device) -> str:
+    """The ``torch.distributed`` backend for processes working on ``device``: nccl for CUDA, else gloo."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
     environment (``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR``/``MASTER_PORT``): backend ``nccl`` when
@@ -317,7 +340,7 @@ def init_from_env(backend: str | None = None) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device_for("auto"))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)

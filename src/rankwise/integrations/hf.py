@@ -80,8 +80,9 @@ def load_sequence_classifier(path_or_id: str | os.PathLike, num_labels: int, see
 class ClassificationTask:
     """Tokenize once, pad per batch, cross-entropy loss, accuracy."""
 
-    def __init__(self, tokenizer, max_length: int = 64):
+    def __init__(self, tokenizer, max_length: int = 64, device=None):
         self.tok, self.max_length = tokenizer, max_length
+        self.device = None if device is None else torch.device(device)  # where collate puts the batches
 
     def encode(self, dataset) -> list[tuple[list[int], int]]:
         enc = self.tok(list(dataset.texts), truncation=True, max_length=self.max_length)["input_ids"]
@@ -96,7 +97,8 @@ class ClassificationTask:
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
         labels = torch.tensor([lab for _, lab in items])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return batch if self.device is None else {k: v.to(self.device) for k, v in batch.items()}
 
     @staticmethod
     def loss(model, batch) -> torch.Tensor:
