@@ -17,6 +17,8 @@ refused clearly.
 
 from __future__ import annotations
 
+import copy
+import functools
 import textwrap
 
 import pytest
@@ -127,21 +129,32 @@ def test_methods_that_resize_are_refused_clearly(distributed):
         assert errors[method].startswith("ConfigError: adapter 'default': method") and "FSDP2" in errors[method]
 
 
-@pytest.mark.parametrize("method", [m for m in rw.methods() if m not in RESIZING])
-def test_method_trains_under_fsdp_like_one_process(distributed, method):
-    results, errors, _ = distributed
-    assert method not in errors, errors.get(method)
+@functools.cache
+def _one_process(method: str):
+    """The oracle: ``(x, trainable tensors before, the model trained)`` in one process on the whole batch."""
     env: dict = {}
     exec(compile(SETUP, "setup", "exec"), env)
     x, y = env["batch"]()
     m = env["build"](method)
     before = {n: p.detach().clone() for n, p in env["trainable"](m).items()}
     env["fit"](m, x, y)
-    want = env["trainable"](m)
+    return x, before, m
+
+
+def _trained(m) -> dict:
+    return {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", [m for m in rw.methods() if m not in RESIZING])
+def test_method_trains_under_fsdp_like_one_process(distributed, method):
+    results, errors, _ = distributed
+    assert method not in errors, errors.get(method)
+    _, before, m = _one_process(method)
+    want = _trained(m)
     got = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(method + "/")}
     assert set(got) == set(want) and got
     for name, p in want.items():
-        torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-5,
+        torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-5,
                                    msg=lambda msg, name=name: f"{method}: {name}: {msg}")
     assert any(not torch.equal(before[n], p) for n, p in want.items())  # it trained
 
@@ -153,12 +166,9 @@ def test_saved_adapter_and_merged_model_under_fsdp_match_one_process(distributed
     equals one process's (atol 1e-5); a method that cannot merge fails the same way in both."""
     results, errors, tmp = distributed
     assert method not in errors, errors.get(method)
-    env: dict = {}
-    exec(compile(SETUP, "setup", "exec"), env)
-    x, y = env["batch"]()
-    m = env["build"](method)
-    env["fit"](m, x, y)
-    want = {n: p.detach().clone() for n, p in env["trainable"](m).items()}
+    x, _, trained = _one_process(method)
+    m = copy.deepcopy(trained)  # merged below: the cached oracle stays as trained
+    want = _trained(m)
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
     saved = tmp / f"saved_{method}"
