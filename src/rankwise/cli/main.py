@@ -49,6 +49,19 @@ fraction = _arg_type(float, lambda v: 0 < v < 1, "a fraction strictly between 0 
                      "argparse type: a number strictly between 0 and 1.")
 
 
+def add_run_options(p) -> None:
+    """``--precision``, ``--nproc`` and ``--device``: how ``rankwise finetune`` / ``pretrain`` run."""
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32, or bf16 / fp16 mixed precision: the forward under torch.autocast, float32 weights and "
+                        "optimizer (fp16 with a loss scaler; rankwise.train.TrainConfig.precision) (default: fp32)")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl on "
+                        "CUDA); --batch-size is the global batch, split evenly; rank 0 writes the outputs")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda:LOCAL_RANK when CUDA is available, one GPU per process, else cpu), cpu, "
+                        "cuda, cuda:N")
+
+
 def _targets(s: str | None):
     """'all-linear', a comma list of suffixes ('query,value'), or a regex (anything with regex chars)."""
     if s is None or s == "all-linear":
@@ -151,16 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=nonneg_int, default=0,
                    help="seed of the head and adapter inits, the batch order and dropout (not of the split)")
     f.add_argument("--out", required=True, help="output folder (see above)")
-    f.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32, or bf16 / fp16 mixed precision: the forward under torch.autocast, float32 weights and "
-                        "optimizer (fp16 with a loss scaler; rankwise.train.TrainConfig.precision) (default: fp32)")
     f.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
-    f.add_argument("--nproc", type=positive_int, default=1,
-                   help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl on "
-                        "CUDA); --batch-size is the global micro-batch, split evenly; rank 0 writes the outputs")
-    f.add_argument("--device", default="auto",
-                   help="auto (default: cuda:LOCAL_RANK when CUDA is available, one GPU per process, else cpu), cpu, "
-                        "cuda, cuda:N")
+    add_run_options(f)
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     m = sub.add_parser("methods", help="list registered methods")

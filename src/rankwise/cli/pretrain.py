@@ -675,7 +675,7 @@ def _plot(path: Path, losses: list[float], evals, title: str) -> None:
 
 def add_parser(sub) -> None:
     """Register ``rankwise pretrain`` on the CLI's subparsers."""
-    from .main import nonneg_int, positive_int
+    from .main import add_run_options, nonneg_int, positive_int
 
     p = sub.add_parser("pretrain", help="pretrain a small LLaMA on the stdlib's source with a memory-efficient "
                                         "optimizer; writes report.md, loss_curve.png, model.safetensors")
@@ -721,15 +721,7 @@ def add_parser(sub) -> None:
     p.add_argument("--skip-spikes", action="store_true", help="drop the update of a loss-spike step")
     p.add_argument("--hf", action="store_true",
                    help="also write out/hf: a plain dense Hugging Face model folder (rankwise.pretrain.export_dense)")
-    p.add_argument("--nproc", type=positive_int, default=1,
-                   help="processes on this machine: re-runs the command through torchrun (DDP; gloo on CPU, nccl "
-                        "on CUDA); --batch-size is the global batch, split evenly; rank 0 writes the outputs")
-    p.add_argument("--device", default="auto",
-                   help="auto (default: cuda:LOCAL_RANK when CUDA is available, one GPU per process, else cpu), cpu, "
-                        "cuda, cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32, or bf16 / fp16 mixed precision: the forward under torch.autocast, float32 weights and "
-                        "optimizer (fp16 with a loss scaler; rankwise.train.TrainConfig.precision) (default: fp32)")
+    add_run_options(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
 
